@@ -1,0 +1,126 @@
+"""Rewards found by name: built-ins registered here, third-party ones by entry point.
+
+A separate package adds a reward by declaring, in its pyproject.toml::
+
+    [project.entry-points."diffusion_align.rewards"]
+    my_reward = "my_package.module:MyReward"
+
+where the target is a :class:`rewards.Reward` subclass or a factory returning one.  Built-in
+names win over entry points of the same name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from importlib import metadata
+from typing import Any
+
+from align.errors import AlignError, suggest
+
+from .base import Reward
+
+ENTRY_POINT_GROUP = "diffusion_align.rewards"
+
+RewardFactory = Callable[..., Reward]
+_REGISTRY: dict[str, RewardFactory] = {}
+
+
+def register_reward(name: str, factory: RewardFactory | None = None):
+    """Register ``factory`` (a Reward subclass or a callable returning a Reward) under ``name``.
+
+    Usable as a decorator: ``@register_reward("brightness")``.
+    """
+
+    def add(f: RewardFactory) -> RewardFactory:
+        if name in _REGISTRY and _REGISTRY[name] is not f:
+            raise AlignError(f"a reward named {name!r} is already registered")
+        _REGISTRY[name] = f
+        return f
+
+    return add(factory) if factory is not None else add
+
+
+def _entry_points() -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_rewards() -> list[str]:
+    """Names of all rewards: built-in and installed plugins."""
+    _load_builtins()
+    return sorted(set(_REGISTRY) | set(_entry_points()))
+
+
+def get_reward_factory(name: str) -> RewardFactory:
+    """The factory registered under ``name`` (built-in first, then entry points)."""
+    _load_builtins()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    eps = _entry_points()
+    if name in eps:
+        try:
+            factory = eps[name].load()
+        except Exception as exc:
+            raise AlignError(
+                f"reward {name!r} is installed by entry point {eps[name].value!r} but failed to import: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return factory
+    names = sorted(set(_REGISTRY) | set(eps))
+    raise AlignError(f"unknown reward {name!r}; available: {', '.join(names)}.{suggest(name, names)}")
+
+
+def build_reward(spec: str | Mapping[str, Any] | Reward, **kwargs: Any) -> Reward:
+    """Build a reward from a name, a Reward, or a mapping of components.
+
+    * ``"brightness"``: the registered reward, constructed with ``kwargs``.
+    * ``{"aesthetic": 1.0, "pickscore": 0.5}``: a weighted sum of components.
+    * ``{"aesthetic": {"weight": 1.0, "chunk_size": 8}, ...}``: components with arguments.
+    """
+    if isinstance(spec, Reward):
+        return spec
+    if isinstance(spec, str):
+        factory = get_reward_factory(spec)
+        try:
+            reward = factory(**kwargs)
+        except AlignError:
+            raise
+        except TypeError as exc:
+            raise AlignError(f"reward {spec!r} does not accept these arguments {sorted(kwargs)}: {exc}") from None
+        if not isinstance(reward, Reward):
+            raise AlignError(f"reward {spec!r} factory returned {type(reward).__name__}, not a rewards.Reward")
+        if reward.name == Reward.name:
+            reward.name = spec
+        return reward.freeze()
+    if isinstance(spec, Mapping):
+        from .compose import WeightedSum
+
+        if not spec:
+            raise AlignError("reward mapping is empty; give at least one {name: weight}")
+        components: dict[str, tuple[Reward, float]] = {}
+        for name, value in spec.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                components[name] = (build_reward(name), float(value))
+            elif isinstance(value, Mapping):
+                args = dict(value)
+                weight = args.pop("weight", 1.0)
+                if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+                    raise AlignError(f"reward {name!r}: weight={weight!r} must be a number")
+                components[name] = (build_reward(name, **args), float(weight))
+            else:
+                raise AlignError(
+                    f"reward {name!r}: {value!r} must be a weight (number) or a mapping of arguments with 'weight'"
+                )
+        return WeightedSum(components)
+    raise AlignError(f"reward spec {spec!r} must be a name, a {{name: weight}} mapping, or a Reward")
+
+
+_BUILTINS_LOADED = False
+
+
+def _load_builtins() -> None:
+    # importing the zoo modules runs their @register_reward decorators
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    from . import zoo  # noqa: F401

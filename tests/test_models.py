@@ -1,0 +1,91 @@
+"""The toolkit's sampling loop reproduces each family's diffusers pipeline; loading errors are clear."""
+
+import pytest
+import torch
+
+from align.errors import AlignError
+from align.models import DiffusionModel, resolve_model
+from align.sampling import guided_prediction
+from align.testing import tiny_pipeline
+
+PROMPTS = ["a red circle", "a blue square on a green background"]
+
+
+def _our_sample(model, latents, steps, guidance, height, width, **encode):
+    sched = model.schedule(steps, height=height, width=width)
+    pc = model.encode_prompts(PROMPTS, guidance=guidance > 1.0, height=height, width=width, **encode)
+    x = latents.clone()
+    for i in range(steps):
+        t = sched.model_timestep(i, x.shape[0], x.device)
+        x = sched.step(i, x, guided_prediction(model.denoiser, x, t, pc.cond, pc.uncond, guidance)).prev_sample
+    return model.decode(x)
+
+
+@pytest.mark.parametrize(
+    "family,height,width,guidance",
+    [("sd", 32, 32, 5.0), ("sd", 32, 48, 1.0), ("sdxl", 32, 32, 5.0), ("sd3", 32, 48, 4.0), ("flux", 32, 32, 1.0)],
+)
+@torch.no_grad()
+def test_sampling_loop_matches_pipeline(family, height, width, guidance):
+    pipe = tiny_pipeline(family)
+    if family == "sdxl":
+        from diffusers import DDIMScheduler
+
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    model = DiffusionModel(pipe)
+    shape = model.latent_shape(2, height, width)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    extra = {"max_sequence_length": 8} if family in ("sd3", "flux") else {}
+    ours = _our_sample(model, latents, 4, guidance, height, width, **extra)
+    call_latents = model.denoiser.pack(latents) if family == "flux" else latents
+    ref = pipe(
+        PROMPTS, latents=call_latents, num_inference_steps=4, guidance_scale=3.5 if family == "flux" else guidance,
+        height=height, width=width, output_type="pt", **extra,
+    ).images
+    assert ours.shape == (2, 3, height, width)
+    torch.testing.assert_close(ours, ref.float(), atol=2e-5, rtol=1e-4)
+
+
+def test_resolution_is_checked():
+    model = DiffusionModel(tiny_pipeline("sd"))
+    with pytest.raises(AlignError, match="height=30.*multiples of 4"):
+        model.latent_shape(1, 30, 32)
+
+
+def test_missing_model_path_is_named(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(AlignError, match="does not exist"):
+        resolve_model(str(missing))
+    with pytest.raises(AlignError, match="without model_index.json"):
+        resolve_model(str(tmp_path))
+
+
+def test_offline_hub_id_not_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(AlignError, match="offline mode.*not in the local Hugging Face cache"):
+        DiffusionModel.from_pretrained("someone/not-a-cached-model", offline=True)
+
+
+def test_local_folder_roundtrip(tmp_path):
+    pipe = tiny_pipeline("sd")
+    pipe.save_pretrained(tmp_path / "m")
+    model = DiffusionModel.from_pretrained(str(tmp_path / "m"), offline=True)
+    assert model.family == "sd"
+    for a, b in zip(model.module.parameters(), pipe.unet.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_pickle_weights_refused(tmp_path):
+    pipe = tiny_pipeline("sd")
+    pipe.save_pretrained(tmp_path / "m", safe_serialization=False)
+    with pytest.raises(AlignError, match="pickle checkpoints are refused"):
+        DiffusionModel.from_pretrained(str(tmp_path / "m"), offline=True)
+    model = DiffusionModel.from_pretrained(str(tmp_path / "m"), offline=True, allow_pickle=True)
+    assert model.family == "sd"
+
+
+def test_unsupported_sampler_for_family():
+    with pytest.raises(AlignError, match="sampler='ddim' does not apply to the flow-matching family sd3"):
+        DiffusionModel(tiny_pipeline("sd3")).schedule(4, sampler="ddim")
+    with pytest.raises(AlignError, match="sampler='euler'.*accepted"):
+        DiffusionModel(tiny_pipeline("sd")).schedule(4, sampler="euler")
