@@ -238,3 +238,60 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 def save_config(config: Any, path: str | Path) -> None:
     """Write a config dataclass as YAML."""
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field descriptions from the ``Attributes:`` section of a dataclass docstring."""
+    import inspect
+
+    doc = inspect.getdoc(cls) or ""
+    docs: dict[str, str] = {}
+    in_section, current = False, None
+    for line in doc.splitlines():
+        stripped = line.strip()
+        if stripped == "Attributes:":
+            in_section = True
+            continue
+        if not in_section:
+            continue
+        if not stripped:
+            current = None
+            continue
+        indent = len(line) - len(line.lstrip())
+        if indent <= 4 and ":" in stripped and not stripped.startswith(("-", "*")):
+            name, text = stripped.split(":", 1)
+            if name.isidentifier():
+                current = name
+                docs[name] = text.strip()
+                continue
+        if current:
+            docs[current] += " " + stripped
+    return docs
+
+
+def describe_config(cls: type, prefix: str = "") -> str:
+    """Every field of a config dataclass (nested ones dotted) with type, default and description."""
+    lines = []
+    hints = field_types(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        name = f"{prefix}{f.name}"
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        if dataclasses.is_dataclass(tp) or (dataclasses.is_dataclass(default) and not isinstance(default, type)):
+            sub = tp if dataclasses.is_dataclass(tp) else type(default)
+            lines.append(f"  {name}: {docs.get(f.name, '')}".rstrip())
+            lines.append(describe_config(sub, prefix=name + "."))
+            continue
+        shown = to_dict(default) if dataclasses.is_dataclass(default) else default
+        text = docs.get(f.name, "")
+        lines.append(f"  {name} ({_type_name(tp)}, default {shown!r}): {text}".rstrip(": "))
+    return "\n".join(lines)
+

@@ -1,0 +1,52 @@
+"""The ``align`` command line.
+
+Each subcommand lives in ``align/commands/<name>.py`` and provides ``add_parser(subparsers)``
+(which sets ``func`` on its parser) without importing heavy libraries at module level, so that
+``align --help`` is quick.  A user error (:class:`align.errors.AlignError`) prints one line and
+exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+#: subcommand name -> module under align.commands
+COMMANDS: dict[str, str] = {}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="align",
+        description=(
+            "Align diffusion models with rewards: fine-tune by reward backpropagation (train), "
+            "steer at inference time (steer, guide), sample, evaluate, and run the built-in demo."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in COMMANDS.values():
+        importlib.import_module(f"align.commands.{module}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .errors import AlignError
+
+    try:
+        return int(args.func(args) or 0)
+    except AlignError as exc:
+        print(f"align {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"align {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
