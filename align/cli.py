@@ -14,7 +14,9 @@ import os
 import sys
 
 #: subcommand name -> module under align.commands
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "train": "train",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -241,10 +241,19 @@ def save_config(config: Any, path: str | Path) -> None:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Field descriptions from the ``Attributes:`` section of a dataclass docstring."""
+    """Field descriptions from the ``Attributes:`` sections of a dataclass's docstrings (base classes too)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_field_docs(klass))
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
+    doc = cls.__dict__.get("__doc__") or ""
     import inspect
 
-    doc = inspect.getdoc(cls) or ""
+    doc = inspect.cleandoc(doc)
     docs: dict[str, str] = {}
     in_section, current = False, None
     for line in doc.splitlines():

@@ -45,12 +45,12 @@ class LoRAConfig:
     enabled: bool = True
 
     def __post_init__(self) -> None:
-        check_range("lora.rank", self.rank, 1, 1024, integer=True)
+        check_range("rank", self.rank, 1, 1024, integer=True)
         if self.alpha is not None:
-            check_range("lora.alpha", self.alpha, 0.0, None, low_inclusive=False)
-        check_range("lora.dropout", self.dropout, 0.0, 1.0, high_inclusive=False)
+            check_range("alpha", self.alpha, 0.0, None, low_inclusive=False)
+        check_range("dropout", self.dropout, 0.0, 1.0, high_inclusive=False)
         if not self.target_modules:
-            raise AlignError("lora.target_modules=[] is empty; list module names such as to_q, to_k, to_v, to_out.0")
+            raise AlignError("target_modules=[] is empty; list module names such as to_q, to_k, to_v, to_out.0")
 
     @property
     def scale_alpha(self) -> float:
@@ -87,9 +87,7 @@ def add_lora(model, config: LoRAConfig) -> list[nn.Parameter]:
     With ``config.enabled`` False, the whole denoiser is trainable instead.
     """
     module = model.module
-    module.requires_grad_(False)
-    for enc in text_encoders(model.pipe):
-        enc.requires_grad_(False)
+    freeze_pipeline(model.pipe)
     if not config.enabled:
         module.requires_grad_(True)
         return [p for p in module.parameters()]
@@ -106,6 +104,13 @@ def add_lora(model, config: LoRAConfig) -> list[nn.Parameter]:
     for p in params:
         p.data = p.data.float()  # LoRA weights stay fp32 under mixed precision
     return params
+
+
+def freeze_pipeline(pipe) -> None:
+    """requires_grad_(False) on every network of the pipeline (denoiser, VAE, text and image encoders)."""
+    for component in pipe.components.values():
+        if isinstance(component, nn.Module):
+            component.requires_grad_(False)
 
 
 def text_encoders(pipe) -> list[nn.Module]:

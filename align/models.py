@@ -352,10 +352,12 @@ class DiffusionModel:
         if shift is not None:
             z = z + shift
         image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        if image.dtype in (torch.float16, torch.bfloat16):
+            image = image.float()  # rewards see at least fp32 pixels
+        return (image / 2 + 0.5).clamp(0, 1)
 
     def decode(self, latents: Tensor, *, gradient_checkpointing: bool = False, chunk_size: int | None = None) -> Tensor:
-        """Decode latents to images in [0, 1], [B, 3, H, W], float32.
+        """Decode latents to images in [0, 1], [B, 3, H, W] (float32, or float64 for a float64 VAE).
 
         With ``gradient_checkpointing`` the decoder's activations are recomputed in the backward
         pass instead of stored; ``chunk_size`` bounds how many latents are decoded at once.

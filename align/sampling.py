@@ -26,7 +26,7 @@ deterministic Euler step at eta = 0 and the ancestral (DDPM-like) step at eta = 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -91,11 +91,27 @@ class StepResult:
     eps_hat: Tensor
 
 
-def _randn(shape: torch.Size, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise shaped ``shape``, drawn on the generator's device then moved."""
-    device = generator.device if generator is not None else like.device
-    noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-    return noise.to(device=like.device, dtype=like.dtype)
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn(shape: Sequence[int], generator: Generators, device=None, dtype=torch.float32) -> Tensor:
+    """Standard normal noise of ``shape``.
+
+    ``generator`` may be one generator for the whole batch or a sequence with one generator
+    per batch row; per-row generators make every sample's noise independent of the batch it
+    is drawn in (so a run split over processes draws the same noise as one process).
+    Noise is drawn in float32 on the generator's device, then moved.
+    """
+    shape = tuple(shape)
+    if isinstance(generator, Sequence):
+        if len(generator) != shape[0]:
+            raise AlignError(f"got {len(generator)} generators for a batch of {shape[0]}; pass one per row")
+        rows = [torch.randn(shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generator]
+        noise = torch.stack(rows).to(device=device)
+    else:
+        gen_device = generator.device if generator is not None else device
+        noise = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+    return noise.to(dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -160,28 +176,28 @@ class SamplingSchedule:
         x_t: Tensor,
         model_output: Tensor,
         *,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         noise: Tensor | None = None,
     ) -> StepResult:
-        """Take step ``i``: x_t -> x_next, drawing noise from ``generator`` (or using ``noise``)."""
+        """Take step ``i``: x_t -> x_next, drawing noise from ``generator`` (or using ``noise``).
+
+        ``generator``: one generator, or one per batch row (see :func:`randn`).
+        """
         out = self.transition(i, x_t, model_output)
         std = self.noise_stds[i]
         if std == 0.0:
             return out
         if noise is None:
-            noise = _randn(x_t.shape, x_t, generator)
+            noise = randn(x_t.shape, generator, x_t.device, x_t.dtype)
         return StepResult(out.mean + std * noise, out.mean, std, out.x0_hat, out.eps_hat)
 
     def add_noise(self, x0: Tensor, noise: Tensor, i: int) -> Tensor:
         """Noise a clean sample to the input level of step ``i``."""
         return self.alphas[i] * x0 + self.sigmas[i] * noise
 
-    def initial_noise(
-        self, shape: tuple[int, ...], generator: torch.Generator | None, device, dtype=torch.float32
-    ) -> Tensor:
-        """x_T for a batch of shape ``shape``."""
-        like = torch.empty(0, device=device, dtype=dtype)
-        return _randn(torch.Size(shape), like, generator) * self.init_noise_sigma
+    def initial_noise(self, shape: Sequence[int], generator: Generators, device, dtype=torch.float32) -> Tensor:
+        """x_T for a batch of shape ``shape`` (one generator, or one per row)."""
+        return randn(shape, generator, device, dtype) * self.init_noise_sigma
 
     @classmethod
     def from_scheduler(

@@ -1,0 +1,45 @@
+"""``align train``: reward-backprop fine-tuning (DRaFT, DRaFT-LV, AlignProp, ReFL) with LoRA."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_config_arguments, config_epilog, resolve_config
+
+
+def add_parser(subparsers) -> None:
+    from ..trainer import TrainConfig
+
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune a model toward a reward by backpropagating through sampling",
+        description=(
+            "Fine-tune LoRA weights so that samples maximise a differentiable reward. Runs on one CPU, one GPU or "
+            "many (`accelerate launch -m align train ...`). Writes the LoRA in diffusers format to OUTPUT_DIR/lora, "
+            "resumable checkpoints, metrics.jsonl and sample grids. Resume with resume=latest."
+        ),
+        epilog=config_epilog(TrainConfig, "configuration fields (YAML keys / key=value overrides):"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(parser)
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..trainer import TrainConfig, Trainer
+
+    config = resolve_config(TrainConfig, args)
+    if config is None:
+        return 0
+    result = Trainer(config, progress=not args.quiet).train()
+    if result.lora_dir is not None:
+        print(f"LoRA saved to {result.lora_dir}")
+    print(
+        f"steps {result.steps} (skipped {result.skipped_steps}); eval reward "
+        f"{result.first_reward if result.first_reward is not None else float('nan'):.4f} -> "
+        f"{result.last_reward if result.last_reward is not None else float('nan'):.4f}"
+    )
+    if result.stopped_early:
+        print(f"stopped early: {result.stopped_early}")
+    return 0
