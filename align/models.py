@@ -217,9 +217,8 @@ class DiffusionModel:
 
     def default_resolution(self) -> tuple[int, int]:
         """The model's native (height, width) in pixels."""
-        size = self.module.config.sample_size
-        if self.family == "flux":
-            size = 128  # FLUX has no sample_size; 1024 px
+        # FLUX has no sample_size; 128 latents = 1024 px
+        size = 128 if self.family == "flux" else self.module.config.sample_size
         size = size * self.vae_scale_factor
         return int(size), int(size)
 
