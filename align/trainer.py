@@ -223,6 +223,11 @@ class Trainer:
 
         cfg = self.config
         if self._accelerator is None:
+            from accelerate.state import AcceleratorState
+
+            # AcceleratorState is process-global: let a second Trainer in the same process (a
+            # notebook, a test) choose another precision; the distributed state is kept.
+            AcceleratorState._reset_state(reset_partial_state=False)
             trackers = [t for t in cfg.report_to if _tracker_available(t)]
             self._accelerator = Accelerator(
                 mixed_precision=cfg.mixed_precision,
@@ -255,6 +260,11 @@ class Trainer:
                 cfg.model, dtype=weight_dtype, device=device, offline=cfg.offline, allow_pickle=cfg.allow_pickle
             )
         model = self.model
+        if weight_dtype != torch.float32:
+            # frozen weights in the low-precision dtype; add_lora keeps the LoRA weights in fp32
+            for component in model.pipe.components.values():
+                if isinstance(component, torch.nn.Module):
+                    component.to(dtype=weight_dtype)
         if cfg.mixed_precision == "fp16" and model.pipe.vae is not None:
             model.pipe.vae.to(dtype=torch.float32)  # fp16 VAEs overflow; decode in fp32
         self.params = add_lora(model, cfg.lora)
@@ -267,6 +277,12 @@ class Trainer:
         self.reward = self._given_reward if self._given_reward is not None else build_reward(cfg.reward)
         require_differentiable(self.reward, cfg.method)
         self.reward.to(device)
+        # The trainer decides what a failed or non-finite score does: with the reward's default
+        # (raise) the whole step is skipped and counted; with on_invalid="drop" only the bad
+        # samples are left out of the loss.
+        self.drop_invalid_samples = getattr(self.reward, "on_invalid", "raise") == "drop"
+        if hasattr(self.reward, "on_invalid"):
+            self.reward.on_invalid = "drop"
         self.monitor = build_reward(cfg.monitor_rewards) if cfg.monitor_rewards is not None else None
 
         from .prompts import load_prompts
@@ -347,10 +363,10 @@ class Trainer:
         scored = self.reward.score(images.float(), list(prompts) * copies)
         valid = scored.valid
         per_sample = method.reward_loss(scored.scores)
-        if bool(valid.any()):
+        if bool(valid.any()) and (self.drop_invalid_samples or bool(valid.all())):
             loss = per_sample[valid].mean()
         else:
-            loss = per_sample.new_tensor(float("nan"))
+            loss = per_sample.new_tensor(float("nan"))  # the step is skipped and counted
         if method.kl_weight > 0:
             loss = loss + method.kl_weight * result.regularizer
         rewards = scored.scores.detach()[valid]
@@ -358,7 +374,7 @@ class Trainer:
             "reward_mean": float(rewards.mean()) if rewards.numel() else float("nan"),
             "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
             "grad_steps": plan.grad_steps,
-            "dropped_samples": int((~valid).sum()),
+            "invalid_samples": int((~valid).sum()),
         }
         for key, values in scored.info.items():
             v = values.detach().float()[valid]
@@ -620,8 +636,9 @@ class Trainer:
                 path = self.save_checkpoint()
                 raise AlignError(
                     f"stopping at step {self.step}: {self.consecutive_bad} consecutive steps had a non-finite loss or "
-                    f"gradient (max_nonfinite_steps={cfg.max_nonfinite_steps}); the weights of the last good step "
-                    f"are saved in {str(path)!r}. Lower the learning rate, use bf16 instead of fp16, or check the reward."
+                    f"gradient, or a failed reward (max_nonfinite_steps={cfg.max_nonfinite_steps}; reward errors are "
+                    f"logged above); the weights of the last good step are saved in {str(path)!r}. Lower the learning "
+                    "rate, use bf16 instead of fp16, or check the reward."
                 )
             if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step < cfg.max_steps and self.is_main:
                 metrics.update(self._sample_grid(f"step-{self.step:08d}"))

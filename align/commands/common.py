@@ -36,3 +36,14 @@ def config_epilog(cls, title: str) -> str:
     from ..config import describe_config
 
     return f"{title}\n{describe_config(cls)}"
+
+
+def quiet_libraries() -> None:
+    """Silence the loading progress bars and info logs of diffusers and transformers."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()

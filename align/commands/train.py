@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_config_arguments, config_epilog, resolve_config
+from .common import add_config_arguments, config_epilog, quiet_libraries, resolve_config
 
 
 def add_parser(subparsers) -> None:
@@ -32,7 +32,12 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(TrainConfig, args)
     if config is None:
         return 0
-    result = Trainer(config, progress=not args.quiet).train()
+    if args.quiet:
+        quiet_libraries()
+    trainer = Trainer(config, progress=not args.quiet)
+    result = trainer.train()
+    if not trainer.is_main:
+        return 0
     if result.lora_dir is not None:
         print(f"LoRA saved to {result.lora_dir}")
     print(
