@@ -16,6 +16,8 @@ import sys
 #: subcommand name -> module under align.commands
 COMMANDS: dict[str, str] = {
     "train": "train",
+    "sample": "sample",
+    "eval": "eval",
 }
 
 

@@ -1,0 +1,255 @@
+"""Sampling to a folder and scoring images with several rewards (``align sample``, ``align eval``).
+
+A sample folder holds PNG images, ``metadata.jsonl`` (one ``{"file_name", "prompt", "seed"}``
+line per image, the Hugging Face image-folder convention) and ``grid.png``.  ``align eval``
+scores such a folder (or any folder of images: prompts from ``metadata.jsonl``, else the file
+names), or samples a model on a prompt set first, and writes ``scores.csv``, ``scores.json``
+(per-image scores and per-reward mean / std / min / max) and ``grid.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import AlignError, ConfigError, check_range
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class SampleConfig:
+    """Configuration of ``align sample``.
+
+    Attributes:
+        model: 'builtin', a local diffusers folder, or a hub id.
+        lora: a LoRA folder (diffusers format, e.g. a training run's OUTPUT_DIR/lora) to load; None for the base model.
+        prompts: a named prompt set (shapes, simple_animals), a text file with one prompt per line, or a list.
+        images_per_prompt: images per prompt (seeds seed, seed+1, ...).
+        seed: first seed.
+        num_steps: sampling steps.
+        guidance_scale: classifier-free guidance scale.
+        sampler: auto, ddim, ddpm or flow.
+        eta: DDIM eta / flow-step stochasticity.
+        height: image height (default: the model's native size).
+        width: image width (default: the model's native size).
+        batch_size: images per forward batch.
+        output_dir: folder for the images, metadata.jsonl and grid.png.
+        device: auto, cpu, cuda or cuda:N.
+        offline: only use local files (default: HF_HUB_OFFLINE).
+    """
+
+    model: str = "builtin"
+    lora: str | None = None
+    prompts: str | list[str] = "shapes_heldout"
+    images_per_prompt: int = 1
+    seed: int = 0
+    num_steps: int = 30
+    guidance_scale: float = 5.0
+    sampler: str = "auto"
+    eta: float = 0.0
+    height: int | None = None
+    width: int | None = None
+    batch_size: int = 8
+    output_dir: str = "samples"
+    device: str = "auto"
+    offline: bool | None = None
+
+    def __post_init__(self) -> None:
+        check_range("images_per_prompt", self.images_per_prompt, 1, 10_000, integer=True)
+        check_range("seed", self.seed, 0, 2**63 - 1, integer=True)
+        check_range("num_steps", self.num_steps, 1, 1000, integer=True)
+        check_range("guidance_scale", self.guidance_scale, 0.0, None)
+        check_range("eta", self.eta, 0.0, None)
+        check_range("batch_size", self.batch_size, 1, None, integer=True)
+        for name in ("height", "width"):
+            if getattr(self, name) is not None:
+                check_range(name, getattr(self, name), 1, None, integer=True)
+        _check_device(self.device)
+
+
+@dataclass
+class EvalConfig(SampleConfig):
+    """Configuration of ``align eval``: the sampling fields apply when ``images`` is not given.
+
+    Attributes:
+        images: a folder of images to score (prompts from its metadata.jsonl, else the file names); None samples the model.
+        rewards: rewards to evaluate, each reported separately (names; see --list-rewards).
+        reward_batch_size: images per reward call.
+    """
+
+    images: str | None = None
+    rewards: list[str] = field(default_factory=lambda: ["brightness", "saturation", "jpeg_compressibility"])
+    reward_batch_size: int = 16
+    output_dir: str = "eval"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.rewards:
+            raise ConfigError("rewards=[] is empty; name at least one reward")
+        check_range("reward_batch_size", self.reward_batch_size, 1, None, integer=True)
+
+
+def _check_device(device: str) -> None:
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise ConfigError(f"device={device!r} is not supported; accepted: 'auto', 'cpu', 'cuda', 'cuda:N'")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AlignError(f"device={device!r} but no CUDA device is available; use device=cpu")
+    return torch.device(device)
+
+
+def load_model(config: SampleConfig):
+    """The configured model on its device, with the LoRA loaded when given."""
+    from .lora import load_lora
+    from .models import DiffusionModel
+
+    model = DiffusionModel.from_pretrained(config.model, device=resolve_device(config.device), offline=config.offline)
+    if config.lora:
+        load_lora(model, config.lora)
+    return model
+
+
+def sample_to_folder(config: SampleConfig, model=None, progress: bool = True) -> tuple[Path, list[dict[str, Any]], Tensor]:
+    """Sample every prompt ``images_per_prompt`` times; write PNGs, metadata.jsonl and grid.png."""
+    from .generate import generate
+    from .images import make_grid, save_png, to_uint8
+    from .prompts import load_prompts
+
+    model = model if model is not None else load_model(config)
+    prompts = load_prompts(config.prompts)
+    jobs = [(p, config.seed + k) for p in prompts for k in range(config.images_per_prompt)]
+    images = generate(
+        model, [p for p, _ in jobs], [s for _, s in jobs], num_steps=config.num_steps,
+        guidance_scale=config.guidance_scale, sampler=config.sampler, eta=config.eta, height=config.height,
+        width=config.width, batch_size=config.batch_size, progress=progress,
+    )
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    pixels = to_uint8(images)
+    digits = max(4, len(str(len(jobs))))
+    for i, ((prompt, seed), arr) in enumerate(zip(jobs, pixels)):
+        name = f"{i:0{digits}d}.png"
+        save_png(arr, out / name)
+        records.append({"file_name": name, "prompt": prompt, "seed": seed})
+    (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    save_png(make_grid(images, ncols=min(8, len(jobs))), out / "grid.png", scale=max(1, 128 // images.shape[-1]))
+    return out, records, images
+
+
+def read_image_folder(folder: str | Path) -> tuple[Tensor, list[str], list[str]]:
+    """Images [N, 3, H, W] in [0, 1], their prompts and file names, from a folder.
+
+    Prompts come from ``metadata.jsonl`` ("prompt" or "text" field) when present, otherwise from
+    the file name (underscores and dashes become spaces).  All images must share one size.
+    """
+    import imageio.v3 as iio
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AlignError(f"images={str(folder)!r} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.name != "grid.png")
+    if not files:
+        raise AlignError(f"images={str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    prompts_by_file: dict[str, str] = {}
+    meta = folder / "metadata.jsonl"
+    if meta.is_file():
+        for n, line in enumerate(meta.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                prompts_by_file[record["file_name"]] = record.get("prompt", record.get("text", ""))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise AlignError(f"{str(meta)!r} line {n} is not a JSON object with file_name and prompt") from None
+    arrays, prompts = [], []
+    for f in files:
+        arr = iio.imread(f)
+        if arr.ndim == 2:
+            arr = np.stack([arr] * 3, -1)
+        arrays.append(arr[..., :3])
+        prompts.append(prompts_by_file.get(f.name, f.stem.replace("_", " ").replace("-", " ")))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise AlignError(f"images in {str(folder)!r} have different sizes {sorted(shapes)}; resize them to one size")
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
+    return images, prompts, [f.name for f in files]
+
+
+def score_images(images: Tensor, prompts: list[str], reward_names: list[str], batch_size: int = 16) -> dict[str, Tensor]:
+    """{reward name: scores [N]} (NaN where a reward could not score an image)."""
+    from rewards import build_reward
+
+    scores = {}
+    for name in reward_names:
+        reward = build_reward(name)
+        reward.chunk_size = batch_size
+        reward.to(images.device)
+        with torch.no_grad():
+            out = reward.score(images, prompts)
+        scores[name] = torch.where(out.valid, out.scores.float(), torch.full_like(out.scores.float(), float("nan")))
+    return scores
+
+
+def summarize(scores: dict[str, Tensor]) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, s in scores.items():
+        v = s[torch.isfinite(s)]
+        n = int(v.numel())
+        out[name] = {
+            "mean": float(v.mean()) if n else math.nan,
+            "std": float(v.std()) if n > 1 else 0.0,
+            "min": float(v.min()) if n else math.nan,
+            "max": float(v.max()) if n else math.nan,
+            "count": n,
+        }
+    return out
+
+
+def write_table(out_dir: Path, files: list[str], prompts: list[str], scores: dict[str, Tensor]) -> dict[str, Any]:
+    """scores.csv (one row per image) and scores.json (rows + per-reward summary)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = list(scores)
+    rows = []
+    for i, (f, p) in enumerate(zip(files, prompts)):
+        rows.append({"file_name": f, "prompt": p, **{n: float(scores[n][i]) for n in names}})
+    with open(out_dir / "scores.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["file_name", "prompt", *names])
+        writer.writeheader()
+        writer.writerows(rows)
+    table = {"summary": summarize(scores), "images": rows}
+    (out_dir / "scores.json").write_text(json.dumps(table, indent=2))
+    return table
+
+
+def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
+    """Score a folder of images, or a model's samples, with several rewards."""
+    from .images import make_grid, save_png
+
+    out = Path(config.output_dir)
+    if config.images is not None:
+        images, prompts, files = read_image_folder(config.images)
+    else:
+        sample_dir = out / "images"
+        sample_cfg = SampleConfig(**{k: getattr(config, k) for k in SampleConfig.__dataclass_fields__ if k != "output_dir"},
+                                  output_dir=str(sample_dir))
+        _, records, images = sample_to_folder(sample_cfg, progress=progress)
+        prompts = [r["prompt"] for r in records]
+        files = [f"images/{r['file_name']}" for r in records]
+    scores = score_images(images, prompts, list(config.rewards), config.reward_batch_size)
+    table = write_table(out, files, prompts, scores)
+    save_png(make_grid(images, ncols=min(8, len(files))), out / "grid.png", scale=max(1, 128 // images.shape[-1]))
+    return table
