@@ -74,7 +74,10 @@ def build_reward(spec: str | Mapping[str, Any] | Reward, **kwargs: Any) -> Rewar
 
     * ``"brightness"``: the registered reward, constructed with ``kwargs``.
     * ``{"aesthetic": 1.0, "pickscore": 0.5}``: a weighted sum of components.
-    * ``{"aesthetic": {"weight": 1.0, "chunk_size": 8}, ...}``: components with arguments.
+    * ``{"aesthetic": {"weight": 1.0, "chunk_size": 8, "normalize": True}, ...}``: components
+      with arguments; ``normalize`` wraps the component in a running normalisation
+      (:class:`rewards.compose.RunningNorm`); ``reward`` names the registered reward when the
+      key is a label (``{"clip_b": {"reward": "clipscore", "model": ...}}``).
     """
     if isinstance(spec, Reward):
         return spec
@@ -94,24 +97,37 @@ def build_reward(spec: str | Mapping[str, Any] | Reward, **kwargs: Any) -> Rewar
     if isinstance(spec, Mapping):
         from .compose import WeightedSum
 
+        if kwargs:
+            raise AlignError(f"arguments {sorted(kwargs)} apply to one reward; put them in the mapping per component")
         if not spec:
             raise AlignError("reward mapping is empty; give at least one {name: weight}")
-        components: dict[str, tuple[Reward, float]] = {}
-        for name, value in spec.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                components[name] = (build_reward(name), float(value))
-            elif isinstance(value, Mapping):
-                args = dict(value)
-                weight = args.pop("weight", 1.0)
-                if not isinstance(weight, (int, float)) or isinstance(weight, bool):
-                    raise AlignError(f"reward {name!r}: weight={weight!r} must be a number")
-                components[name] = (build_reward(name, **args), float(weight))
-            else:
-                raise AlignError(
-                    f"reward {name!r}: {value!r} must be a weight (number) or a mapping of arguments with 'weight'"
-                )
-        return WeightedSum(components)
+        components = {name: _component(name, value) for name, value in spec.items()}
+        return WeightedSum(components).freeze()
     raise AlignError(f"reward spec {spec!r} must be a name, a {{name: weight}} mapping, or a Reward")
+
+
+def _component(label: str, value: Any) -> tuple[Reward, float]:
+    """One ``{label: weight | {weight, normalize, reward, **arguments}}`` entry of a reward mapping."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return build_reward(label), float(value)
+    if not isinstance(value, Mapping):
+        raise AlignError(
+            f"reward {label!r}: {value!r} must be a weight (number) or a mapping of arguments with 'weight'"
+        )
+    args = dict(value)
+    weight = args.pop("weight", 1.0)
+    normalize = args.pop("normalize", False)
+    name = args.pop("reward", label)
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+        raise AlignError(f"reward {label!r}: weight={weight!r} must be a number")
+    if not isinstance(normalize, bool):
+        raise AlignError(f"reward {label!r}: normalize={normalize!r} must be true or false")
+    reward = build_reward(name, **args)
+    if normalize:
+        from .compose import RunningNorm
+
+        reward = RunningNorm(reward)
+    return reward, float(weight)
 
 
 _BUILTINS_LOADED = False
@@ -123,4 +139,4 @@ def _load_builtins() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    from . import zoo  # noqa: F401
+    from . import compose, zoo  # noqa: F401

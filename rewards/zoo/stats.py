@@ -48,6 +48,27 @@ class Saturation(Reward):
         return (images.amax(1) - images.amin(1)).mean((1, 2))
 
 
+@register_reward("colorfulness")
+class Colorfulness(Reward):
+    """Hasler and Suesstrunk's colourfulness on [0, 1] pixels: sigma_rgyb + 0.3 * mu_rgyb.
+
+    With rg = R - G and yb = (R + G) / 2 - B per pixel, sigma_rgyb = sqrt(var(rg) + var(yb)) and
+    mu_rgyb = sqrt(mean(rg)^2 + mean(yb)^2) over the image.  0 for any grey image.
+    """
+
+    name = "colorfulness"
+    #: keeps the square roots differentiable at grey images
+    eps = 1e-12
+
+    def _score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        r, g, b = images.unbind(1)
+        rg = (r - g).flatten(1)
+        yb = (0.5 * (r + g) - b).flatten(1)
+        spread = (rg.var(1, correction=0) + yb.var(1, correction=0) + self.eps).sqrt()
+        offset = (rg.mean(1) ** 2 + yb.mean(1) ** 2 + self.eps).sqrt()
+        return spread + 0.3 * offset
+
+
 @register_reward("target_color")
 class TargetColor(Reward):
     """Minus the mean squared distance of pixels to a target RGB colour (0 is best)."""
@@ -60,9 +81,6 @@ class TargetColor(Reward):
         if len(color) != 3 or not all(0.0 <= c <= 1.0 for c in color):
             raise AlignError(f"target_color color={color!r} must be three numbers in [0, 1] (RGB)")
         self.register_buffer("color", torch.tensor(color).view(1, 3, 1, 1), persistent=False)
-
-    def _follow(self, images: Tensor) -> None:
-        self.color = self.color.to(device=images.device, dtype=images.dtype)
 
     def _score(self, images: Tensor, prompts: list[str]) -> Tensor:
         return -((images - self.color) ** 2).mean((1, 2, 3))

@@ -1,0 +1,280 @@
+"""A vision-language model as judge, behind an OpenAI-compatible chat-completions endpoint.
+
+Each image is sent as a base64 PNG data URL with a rubric (the prompt substituted for
+``{prompt}``); the answer is parsed with a regular expression (default: the last
+``Final Score: x``) and divided by ``scale_max`` (default 5, so scores lie in [0, 1]).
+
+Requests run ``concurrency`` at a time (threads), each with a ``timeout``; failures (connection
+errors, timeouts, HTTP 429 / 5xx, answers without a score) are retried ``retries`` times with
+exponential backoff (``retry_backoff * 2**attempt`` seconds); other HTTP 4xx (bad key, bad
+model) fail at once.  A sample that still fails raises a :class:`RewardError` naming the endpoint
+and the reason, or with ``on_invalid="drop"`` is dropped and counted.  Answers are cached in
+memory, and on disk with ``cache_dir``, keyed by a hash of the PNG, the prompt, the rubric and
+the model.  Only the standard library talks to the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import ipaddress
+import json
+import logging
+import os
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from align.errors import ConfigError, RewardError, check_range
+
+from ..base import Reward
+from ..registry import register_reward
+from .jpeg import to_uint8_images
+
+logger = logging.getLogger("rewards")
+
+DEFAULT_RUBRIC = (
+    "You are judging an AI-generated image against the prompt it was generated from.\n"
+    "Prompt: {prompt}\n"
+    "Rate how faithfully the image depicts the prompt and how good it looks, on a scale from 1 "
+    "(poor) to 5 (excellent). Explain briefly, then finish with a line of the form "
+    "'Final Score: <number>'."
+)
+DEFAULT_SCORE_PATTERN = r"final\s*score\s*[:=]?\s*\**\s*([-+]?\d+(?:\.\d+)?)"
+
+
+class _Retryable(Exception):
+    """A failure worth retrying: network, timeout, overload, malformed answer."""
+
+
+def _is_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@register_reward("vlm_judge")
+class VLMJudge(Reward):
+    """Score images with a VLM behind an OpenAI-compatible ``/chat/completions`` endpoint.
+
+    Args:
+        endpoint: base URL (``http://host:port/v1``) or the full ``.../chat/completions`` URL
+            (default: the ``OPENAI_BASE_URL`` environment variable).
+        model: model name sent to the server.
+        api_key_env: environment variable holding the API key (sent as a Bearer token if set).
+        rubric: the instruction; ``{prompt}`` is replaced by the image's prompt.
+        score_pattern: regex whose first group is the score (the last match is used).
+        scale_max: the rubric's maximum; scores are divided by it.
+        concurrency: requests in flight at once.
+        timeout: seconds per request.
+        retries: retries per request after the first attempt.
+        retry_backoff: seconds before the first retry, doubled after each.
+        cache_dir: folder of the on-disk answer cache (None: in memory only).
+        max_tokens, temperature: generation settings sent to the server.
+    """
+
+    name = "vlm_judge"
+    differentiable = False
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        model: str = "default",
+        api_key_env: str = "OPENAI_API_KEY",
+        rubric: str = DEFAULT_RUBRIC,
+        score_pattern: str = DEFAULT_SCORE_PATTERN,
+        scale_max: float = 5.0,
+        concurrency: int = 4,
+        timeout: float = 60.0,
+        retries: int = 3,
+        retry_backoff: float = 1.0,
+        cache_dir: str | Path | None = None,
+        max_tokens: int = 512,
+        temperature: float = 0.0,
+        chunk_size: int | None = None,
+        on_invalid: str = "raise",
+    ):
+        # timeout / retries / backoff apply per request here, not per chunk as in the base class
+        super().__init__(chunk_size=chunk_size, on_invalid=on_invalid)
+        endpoint = endpoint or os.environ.get("OPENAI_BASE_URL")
+        if not endpoint or not urllib.parse.urlsplit(endpoint).scheme.startswith("http"):
+            raise ConfigError(
+                f"vlm_judge endpoint={endpoint!r} must be an http(s) URL of an OpenAI-compatible server, "
+                "e.g. 'http://127.0.0.1:8000/v1' (or set OPENAI_BASE_URL)"
+            )
+        check_range("scale_max", scale_max, 0, low_inclusive=False)
+        check_range("concurrency", concurrency, 1, integer=True)
+        check_range("timeout", timeout, 0, low_inclusive=False)
+        check_range("retries", retries, 0, integer=True)
+        check_range("retry_backoff", retry_backoff, 0)
+        check_range("max_tokens", max_tokens, 1, integer=True)
+        try:
+            self.score_regex = re.compile(score_pattern, re.IGNORECASE)
+        except re.error as exc:
+            raise ConfigError(f"score_pattern={score_pattern!r} is not a valid regular expression: {exc}") from None
+        if self.score_regex.groups < 1:
+            raise ConfigError(f"score_pattern={score_pattern!r} needs a group capturing the number")
+        self.url = endpoint if endpoint.rstrip("/").endswith("/chat/completions") else endpoint.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        self.rubric = rubric
+        self.scale_max = float(scale_max)
+        self.concurrency = concurrency
+        self.request_timeout = float(timeout)
+        self.request_retries = retries
+        self.request_backoff = float(retry_backoff)
+        self.max_tokens = max_tokens
+        self.temperature = float(temperature)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._cache: dict[str, float] = {}
+        self.requests_sent = 0
+        # loopback servers are reached directly, whatever proxy the environment names
+        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(self.url) else []
+        self._opener = urllib.request.build_opener(*handlers)
+
+    # -- caching ------------------------------------------------------------------------------
+    def _key(self, png: bytes, prompt: str) -> str:
+        h = hashlib.sha256(hashlib.sha256(png).digest())
+        for part in (prompt, self.rubric, self.model):
+            h.update(b"\0" + part.encode())
+        return h.hexdigest()
+
+    def _cached(self, key: str) -> float | None:
+        if key in self._cache:
+            return self._cache[key]
+        if self.cache_dir is not None:
+            path = self.cache_dir / f"{key}.json"
+            if path.is_file():
+                try:
+                    value = float(json.loads(path.read_text())["score"])
+                except (ValueError, KeyError, TypeError):
+                    return None  # a damaged entry is asked again
+                self._cache[key] = value
+                return value
+        return None
+
+    def _store(self, key: str, value: float, answer: str) -> None:
+        self._cache[key] = value
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.cache_dir / f".{key}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps({"score": value, "answer": answer, "model": self.model}))
+            tmp.replace(self.cache_dir / f"{key}.json")
+
+    # -- one request ----------------------------------------------------------------------------
+    def _request(self, png: bytes, prompt: str) -> str:
+        data_url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        body = {
+            "model": self.model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": self.rubric.replace("{prompt}", prompt)},
+                        {"type": "image_url", "image_url": {"url": data_url}},
+                    ],
+                }
+            ],
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.api_key_env, "")
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        self.requests_sent += 1
+        try:
+            with self._opener.open(request, timeout=self.request_timeout) as response:
+                payload = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read(300).decode(errors="replace").strip()
+            message = f"HTTP {exc.code} {exc.reason}: {detail}"
+            if exc.code == 429 or exc.code >= 500:
+                raise _Retryable(message) from None
+            raise RewardError(message) from None
+        except TimeoutError:
+            raise _Retryable(f"no answer within timeout={self.request_timeout}s") from None
+        except urllib.error.URLError as exc:
+            if isinstance(exc.reason, TimeoutError):
+                raise _Retryable(f"no answer within timeout={self.request_timeout}s") from None
+            raise _Retryable(f"cannot connect: {exc.reason}") from None
+        except (OSError, ValueError) as exc:  # connection reset, invalid JSON
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from None
+        try:
+            content = payload["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise _Retryable(f"malformed response without choices[0].message.content: {str(payload)[:200]}") from None
+        if isinstance(content, list):  # content parts
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        return str(content)
+
+    def _parse(self, answer: str) -> float:
+        matches = self.score_regex.findall(answer)
+        if not matches:
+            raise _Retryable(f"malformed answer, no score matching {self.score_regex.pattern!r}: {answer[:200]!r}")
+        last = matches[-1]
+        value = float(last[0] if isinstance(last, tuple) else last)
+        if not 0.0 <= value <= self.scale_max:
+            raise _Retryable(f"score {value} outside [0, {self.scale_max:g}] in answer {answer[:200]!r}")
+        return value
+
+    def _judge(self, png: bytes, prompt: str) -> float:
+        """Raw score of one image (cached), retrying transient failures; RewardError when it gives up."""
+        key = self._key(png, prompt)
+        cached = self._cached(key)
+        if cached is not None:
+            return cached
+        attempts = self.request_retries + 1
+        for attempt in range(attempts):
+            try:
+                answer = self._request(png, prompt)
+                value = self._parse(answer)
+            except _Retryable as exc:
+                reason = str(exc)
+                if attempt + 1 < attempts:
+                    time.sleep(self.request_backoff * 2**attempt)
+                continue
+            except RewardError as exc:
+                reason, attempts = str(exc), attempt + 1
+                break
+            self._store(key, value, answer)
+            return value
+        raise RewardError(
+            f"reward {self.name!r}: endpoint {self.url} (model {self.model!r}) failed after {attempts} "
+            f"attempt{'s' if attempts > 1 else ''}: {reason}"
+        )
+
+    # -- the reward -----------------------------------------------------------------------------
+    def _score(self, images: Tensor, prompts: list[str]) -> Tensor:
+        pngs = []
+        for image in to_uint8_images(images):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            pngs.append(buffer.getvalue())
+        scores = torch.full((len(pngs),), float("nan"))
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="vlm-judge") as pool:
+            futures = [pool.submit(self._judge, png, prompt) for png, prompt in zip(pngs, prompts)]
+            for i, future in enumerate(futures):
+                try:
+                    scores[i] = future.result() / self.scale_max
+                except RewardError as exc:
+                    if self.on_invalid == "raise":
+                        for other in futures:
+                            other.cancel()
+                        raise
+                    logger.warning("%s; dropping sample %d (on_invalid='drop')", exc, i)
+        return scores.to(images.device)

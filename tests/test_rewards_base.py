@@ -1,0 +1,204 @@
+"""The reward protocol: input checks, chunking, freezing, device/dtype following, faults."""
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from align.errors import AlignError, ConfigError, RewardError
+from rewards import Reward, RewardOutput, WeightedSum, build_reward, require_differentiable
+
+
+class Linear(Reward):
+    """score = w . mean pixel + b, with a real (freezable, dtype-following) parameter."""
+
+    name = "linear"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.proj = nn.Linear(3, 1)
+        self.dropout = nn.Dropout(0.5)
+        self.calls = 0
+
+    def _score(self, images, prompts):
+        self.calls += 1
+        return self.proj(self.dropout(images.mean((2, 3)))).squeeze(-1)
+
+
+class Scripted(Reward):
+    """Black-box reward that fails, hangs or returns NaN as scripted, then returns the brightness."""
+
+    name = "scripted"
+    differentiable = False
+
+    def __init__(self, failures=0, hang=0.0, nan_at=(), **kwargs):
+        super().__init__(**kwargs)
+        self.failures, self.hang, self.nan_at, self.calls = failures, hang, set(nan_at), 0
+
+    def _score(self, images, prompts):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionError(f"server down (call {self.calls})")
+        if self.hang:
+            time.sleep(self.hang)
+        scores = images.mean((1, 2, 3)).detach().clone()
+        for i in self.nan_at:
+            if i < len(scores):
+                scores[i] = float("nan")
+        return scores
+
+
+def test_scores_shape_and_chunking_equivalence():
+    torch.manual_seed(0)
+    images = torch.rand(5, 3, 8, 8)
+    whole = Linear()
+    chunked = Linear(chunk_size=2)
+    chunked.load_state_dict(whole.state_dict())
+    expected = whole.proj(images.mean((2, 3))).squeeze(-1)
+    out = chunked.score(images, "a prompt")
+    assert isinstance(out, RewardOutput) and out.scores.shape == (5,) and out.valid.all()
+    assert chunked.calls == 3  # ceil(5 / 2)
+    torch.testing.assert_close(out.scores, expected.detach())
+    torch.testing.assert_close(whole(images), expected.detach())
+
+
+def test_frozen_by_requires_grad_not_no_grad_and_always_eval():
+    reward = Linear()
+    images = torch.rand(4, 3, 8, 8, requires_grad=True)
+    reward.train()  # a trainer calling .train() on everything must not switch dropout on
+    scores = reward(images)
+    assert all(not p.requires_grad for p in reward.parameters())
+    assert not reward.dropout.training and reward.training
+    torch.testing.assert_close(scores, reward(images))  # no dropout noise
+    scores.sum().backward()
+    # the gradient reaches the pixels: d score / d pixel = w_c / (H W)
+    w = reward.proj.weight.detach().view(3)
+    torch.testing.assert_close(images.grad, (w / 64).view(1, 3, 1, 1).expand_as(images))
+
+
+def test_follows_dtype_and_back():
+    reward = Linear()
+    x64 = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    out = reward(x64)
+    assert out.dtype == torch.float64 and reward.proj.weight.dtype == torch.float64
+    assert reward(x64.float()).dtype == torch.float32 and reward.proj.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (torch.rand(2, 4, 8, 8), "[B, 3, H, W]"),
+        (torch.rand(3, 8, 8), "[B, 3, H, W]"),
+        (torch.randint(0, 255, (2, 3, 8, 8)), "floating point"),
+        (torch.rand(2, 3, 8, 8) * 2 - 1, "images / 2 + 0.5"),
+        (torch.full((2, 3, 8, 8), float("nan")), "[0, 1]"),
+    ],
+)
+def test_bad_images_name_the_reward(images, message):
+    with pytest.raises(RewardError, match="linear") as info:
+        Linear()(images)
+    assert message in str(info.value)
+
+
+def test_prompts_must_match_batch():
+    with pytest.raises(RewardError, match="3 prompts for 2 images"):
+        Linear()(torch.rand(2, 3, 8, 8), ["a", "b", "c"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [({"chunk_size": 0}, "chunk_size"), ({"on_invalid": "skip"}, "on_invalid"), ({"timeout": 0}, "timeout"),
+     ({"retries": -1}, "retries")],
+)
+def test_bad_options(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        Linear(**kwargs)
+
+
+def test_exception_raises_naming_the_reward():
+    with pytest.raises(RewardError, match=r"reward 'scripted' failed: ConnectionError: server down"):
+        Scripted(failures=1)(torch.rand(2, 3, 4, 4))
+
+
+def test_retries_with_backoff_then_success():
+    reward = Scripted(failures=2, retries=2, retry_backoff=0.01)
+    images = torch.rand(3, 3, 4, 4)
+    torch.testing.assert_close(reward(images), images.mean((1, 2, 3)))
+    assert reward.calls == 3
+
+
+def test_retries_exhausted_error_counts_attempts():
+    reward = Scripted(failures=5, retries=1, retry_backoff=0.0)
+    with pytest.raises(RewardError, match=r"'scripted' failed after 2 attempts: ConnectionError"):
+        reward(torch.rand(2, 3, 4, 4))
+
+
+def test_timeout_raises_or_drops():
+    images = torch.rand(3, 3, 4, 4)
+    start = time.monotonic()
+    with pytest.raises(RewardError, match=r"'scripted'.*TimeoutError.*timeout=0.05"):
+        Scripted(hang=1.0, timeout=0.05)(images)
+    assert time.monotonic() - start < 0.9  # did not wait for the hung call
+    dropping = Scripted(hang=1.0, timeout=0.05, on_invalid="drop", chunk_size=2)
+    out = dropping.score(images)
+    assert not out.valid.any() and torch.isnan(out.scores).all() and dropping.dropped == 3
+
+
+def test_nan_raises_naming_samples_or_drops_and_counts():
+    images = torch.rand(4, 3, 4, 4)
+    with pytest.raises(RewardError, match=r"'scripted' returned a non-finite score for samples \[1, 3\]"):
+        Scripted(nan_at=(1, 3))(images)
+    reward = Scripted(nan_at=(1,), on_invalid="drop")
+    out = reward.score(images)
+    assert out.valid.tolist() == [True, False, True, True] and reward.dropped == 1 and out.num_dropped == 1
+    assert torch.isnan(out.scores[1])  # never a silent zero
+    torch.testing.assert_close(out.scores[out.valid], images.mean((1, 2, 3))[[0, 2, 3]])
+    torch.testing.assert_close(out.valid_mean(), images.mean((1, 2, 3))[[0, 2, 3]].mean())
+
+
+def test_composite_keeps_component_drops_without_raising():
+    images = torch.rand(3, 3, 4, 4)
+    flaky = Scripted(nan_at=(0,), on_invalid="drop")
+    total = WeightedSum({"flaky": (flaky, 2.0), "brightness": (build_reward("brightness"), 1.0)})
+    out = total.score(images)  # the sum itself is in raise mode: the component's drop is respected
+    assert out.valid.tolist() == [False, True, True] and total.dropped == 1 and flaky.dropped == 1
+    bright = build_reward("brightness")(images)
+    torch.testing.assert_close(out.scores[1:], 2 * images.mean((1, 2, 3))[1:] + bright[1:])
+    assert set(out.info) == {"flaky", "brightness"}
+
+
+def test_require_differentiable():
+    require_differentiable(Linear(), "DRaFT")
+    with pytest.raises(AlignError, match=r"'scripted' is not differentiable, and DRaFT"):
+        require_differentiable(Scripted(), "DRaFT")
+    total = WeightedSum({"a": (Linear(), 1.0), "b": (Scripted(), 0.5)})
+    assert not total.differentiable
+    assert WeightedSum({"a": (Linear(), 1.0), "b": (Scripted(), 0.0)}).differentiable
+
+
+def test_wrong_shape_is_a_bug_even_in_drop_mode():
+    class Wrong(Reward):
+        name = "wrong"
+
+        def _score(self, images, prompts):
+            return images.mean((2, 3))  # [B, 3]
+
+    with pytest.raises(RewardError, match=r"'wrong' returned shape \(2, 3\); expected \[2\]"):
+        Wrong(on_invalid="drop")(torch.rand(2, 3, 4, 4))
+
+
+def test_dropped_chunk_keeps_the_info_of_the_others():
+    class FailsOnDark(Reward):
+        name = "fails_on_dark"
+
+        def _score(self, images, prompts):
+            if images.mean() < 0.1:
+                raise ValueError("too dark")
+            return images.mean((1, 2, 3)), {"max": images.amax((1, 2, 3))}
+
+    images = torch.cat([torch.full((2, 3, 4, 4), 0.5), torch.zeros(1, 3, 4, 4)])
+    out = FailsOnDark(on_invalid="drop", chunk_size=2).score(images)
+    assert out.valid.tolist() == [True, True, False]
+    torch.testing.assert_close(out.info["max"][:2], torch.tensor([0.5, 0.5]))
+    assert torch.isnan(out.info["max"][2])
