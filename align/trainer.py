@@ -360,6 +360,7 @@ class Trainer:
             )
             images = model.decode(result.latents, gradient_checkpointing=cfg.gradient_checkpointing)
         copies = result.latents.shape[0] // len(prompts)
+        self.reward.train()  # running reward normalisation updates its statistics in train mode only
         scored = self.reward.score(images.float(), list(prompts) * copies)
         valid = scored.valid
         per_sample = method.reward_loss(scored.scores)
@@ -470,7 +471,8 @@ class Trainer:
         """Write a resumable checkpoint of the current step (main process only; all processes wait)."""
         path = None
         if self.is_main:
-            extra = {f"ema.{n}": e for n, e in zip(self.param_names, self.ema)} if self.ema is not None else None
+            extra = {f"ema.{n}": e for n, e in zip(self.param_names, self.ema)} if self.ema is not None else {}
+            extra.update({f"reward.{k}": v for k, v in _reward_state(self.reward).items()})
             path = self.checkpoints.save(
                 self.step,
                 self._trainable_state(),
@@ -509,6 +511,9 @@ class Trainer:
                 for name, e in zip(self.param_names, self.ema):
                     if f"ema.{name}" in ckpt.extra:
                         e.copy_(ckpt.extra[f"ema.{name}"].to(e.device, e.dtype))
+        reward_state = {k[len("reward.") :]: v for k, v in ckpt.extra.items() if k.startswith("reward.")}
+        if reward_state:
+            self.reward.load_state_dict(reward_state, strict=False)
         if ckpt.optimizer is not None:
             self.optimizer.load_state_dict(ckpt.optimizer)
         if ckpt.lr_scheduler is not None:
@@ -558,6 +563,7 @@ class Trainer:
         seeds = [10_000 + i for i in range(n)]
         images = self.evaluation_images(prompts, seeds)
         save_png(images, self.output_dir / "samples" / f"{tag}.png", scale=max(1, 256 // images.shape[-1]))
+        self.reward.eval()
         with torch.no_grad():
             scores = self.reward.score(images, prompts)
         return {"eval_reward_mean": float(scores.scores[scores.valid].mean())}
@@ -568,6 +574,8 @@ class Trainer:
         n = max(cfg.num_samples, 4)
         prompts = [self.monitor_prompts[i % len(self.monitor_prompts)] for i in range(n)]
         images = self.evaluation_images(prompts, [20_000 + i for i in range(n)])
+        self.reward.eval()
+        self.monitor.eval()
         with torch.no_grad():
             train = self.reward.score(images, prompts)
             held = self.monitor.score(images, prompts)
@@ -691,6 +699,12 @@ class _swapped:
             with torch.no_grad():
                 for p, s in zip(self.params, self.saved):
                     p.copy_(s)
+
+
+def _reward_state(reward) -> dict[str, Tensor]:
+    """The reward's buffers (e.g. running normalisation statistics), not its frozen model weights."""
+    params = {name for name, _ in reward.named_parameters()}
+    return {k: v for k, v in reward.state_dict().items() if k not in params}
 
 
 def _named_trainable(model) -> list[str]:

@@ -105,16 +105,18 @@ def _trainable(trainer):
     return {n: p.detach().clone() for n, p in zip(trainer.param_names, trainer.params)}
 
 
-def test_resume_gives_identical_weights(tmp_path):
-    """2N steps straight == N steps, stop, resume, N steps (AlignProp: random window and eta=1 noise)."""
+@pytest.mark.parametrize("reward", ["brightness", {"brightness": {"weight": 1.0, "normalize": True}}], ids=["plain", "normalized"])
+def test_resume_gives_identical_weights(tmp_path, reward):
+    """2N steps straight == N steps, stop, resume, N steps (AlignProp: random window and eta=1 noise;
+    with a running-normalised reward, whose statistics travel in the checkpoint)."""
     n = 3
-    straight_cfg = _config(tmp_path / "a", "alignprop", max_steps=2 * n, method_args={"num_steps": 6})
+    straight_cfg = _config(tmp_path / "a", "alignprop", max_steps=2 * n, reward=reward, method_args={"num_steps": 6})
     straight = Trainer(straight_cfg, model=DiffusionModel(tiny_pipeline("sd")), progress=False)
     straight.train()
 
-    first_cfg = _config(tmp_path / "b", "alignprop", max_steps=n, method_args={"num_steps": 6})
+    first_cfg = _config(tmp_path / "b", "alignprop", max_steps=n, reward=reward, method_args={"num_steps": 6})
     Trainer(first_cfg, model=DiffusionModel(tiny_pipeline("sd")), progress=False).train()
-    resumed_cfg = _config(tmp_path / "b", "alignprop", max_steps=2 * n, resume="latest", method_args={"num_steps": 6})
+    resumed_cfg = _config(tmp_path / "b", "alignprop", max_steps=2 * n, resume="latest", reward=reward, method_args={"num_steps": 6})
     resumed = Trainer(resumed_cfg, model=DiffusionModel(tiny_pipeline("sd")), progress=False)
     resumed.train()
 
