@@ -16,8 +16,11 @@ import sys
 #: subcommand name -> module under align.commands
 COMMANDS: dict[str, str] = {
     "train": "train",
+    "plan": "plan",
     "sample": "sample",
     "eval": "eval",
+    "steer": "steer",
+    "guide": "guide",
 }
 
 

@@ -1,0 +1,314 @@
+"""FK steering on an analytic Gaussian-mixture diffusion: the particles approach the closed-form tilted target.
+
+Target: p(x) exp(lambda r(x)) / Z for a mixture p and a linear (or quadratic) reward, which is again a
+mixture (align.toy).  Estimates are the FK self-normalised weighted averages per prompt group; the
+tolerance is 4 standard errors from the spread between independent groups (the sample size), and the
+base sampler is checked against p with the same tolerance so that discretisation cannot hide behind it.
+"""
+
+import functools
+import math
+
+import pytest
+import torch
+from _threads import one_thread  # noqa: F401
+from scipy import stats
+
+from align.errors import AlignError
+from align.fk import FKConfig, fk_sample
+from align.guidance import BestOfNConfig, best_of_n
+from align.particles import make_generators, prepare_particles, sample_chain
+from align.potentials import POTENTIALS
+from align.resampling import RESAMPLERS
+from align.sampling import SamplingSchedule
+from align.toy import (
+    GaussianMixture,
+    LinearReward,
+    MixtureDenoiser,
+    QuadraticReward,
+    energy_distance_test,
+    toy_scheduler,
+)
+
+MIX = GaussianMixture.create([0.7, 0.3], [[-1.0], [1.5]], [0.5, 0.4])
+REWARD = LinearReward([1.0])
+LAM = 0.5
+TARGET = REWARD.tilt(MIX, LAM)  # component weights 0.7/0.3 -> 0.40/0.60, mean -0.25 -> 0.59
+STEPS = 250
+CDF_POINTS = (-1.0, 0.0, 1.0, 2.0)
+
+
+@functools.cache
+def toy(kind: str = "ddim", mixture: GaussianMixture = MIX, steps: int = STEPS):
+    scheduler = toy_scheduler(kind)
+    schedule = SamplingSchedule.from_scheduler(scheduler, steps, eta=None if kind == "ddpm" else 1.0)
+    return MixtureDenoiser(mixture, scheduler), schedule
+
+
+def run_fk(groups: int, kind: str = "ddim", reward=REWARD, mixture=MIX, **overrides):
+    fields = dict(num_particles=128, lambda_=LAM, resample_start=50, resample_end=200, resample_interval=50, seed=0)
+    fields.update(overrides)
+    denoiser, schedule = toy(kind, mixture)
+    return fk_sample(denoiser, schedule, reward, FKConfig(**fields), sample_shape=(mixture.dim,),
+                     num_prompts=groups, dtype=torch.float64)
+
+
+def group_estimates(result, groups: int, fn) -> torch.Tensor:
+    """Per-group self-normalised estimate of E[fn(x)] ([G, K, d] -> [G, K] values)."""
+    w = result.log_weights.exp()
+    x = result.samples.view(groups, w.shape[1], -1)
+    return (w * fn(x)).sum(1)
+
+
+def assert_matches(result, groups: int, target: GaussianMixture, what: str):
+    checks = {
+        "mean": (lambda x: x[..., 0], target.mean()[0]),
+        "second moment": (lambda x: x[..., 0] ** 2, (target.variance() + target.mean() ** 2)[0]),
+    }
+    for point in CDF_POINTS:
+        checks[f"cdf({point})"] = (lambda x, p=point: (x[..., 0] <= p).double(), target.cdf(torch.tensor(point)))
+    for name, (fn, exact) in checks.items():
+        est = group_estimates(result, groups, fn)
+        se = est.std() / groups**0.5
+        assert abs(est.mean() - exact) <= 4 * se, f"{what}: {name} {est.mean():.4f} vs exact {float(exact):.4f} (se {se:.4f})"
+
+
+def one_per_group(result, groups: int, seed: int = 0) -> torch.Tensor:
+    """One particle per group drawn by the final weights: independent draws from FK's output law."""
+    w = result.log_weights.exp()
+    pick = torch.multinomial(w, 1, generator=torch.Generator().manual_seed(seed)).squeeze(1)
+    return result.samples.view(groups, w.shape[1], -1)[torch.arange(groups), pick]
+
+
+def test_base_sampler_matches_the_mixture():
+    # the discretisation of the sampler is below the tolerance used for FK below
+    result = run_fk(64, lambda_=0.0)
+    assert_matches(result, 64, MIX, "base sampler")
+
+
+CASES = [(p, r) for p in sorted(POTENTIALS) for r in sorted(RESAMPLERS)]
+
+
+@pytest.mark.parametrize("potential,resampler", CASES, ids=[f"{p}-{r}" for p, r in CASES])
+def test_fk_targets_the_tilted_mixture(potential, resampler):
+    result = run_fk(64, potential=potential, resampler=resampler)
+    assert_matches(result, 64, TARGET, f"{potential}/{resampler}")
+    base_mean = MIX.mean()[0]
+    assert abs(group_estimates(result, 64, lambda x: x[..., 0]).mean() - base_mean) > 0.6  # it really moved
+
+
+@pytest.mark.parametrize(
+    "kind,overrides",
+    [
+        ("flow", {}),  # flow matching with the SDE step
+        ("ddpm", {"potential": "difference"}),
+        ("ddim", {"ess_threshold": 0.5}),  # adaptive: weights carried over skipped steps
+        ("ddim", {"intermediate_reward": "x0_samples", "intermediate_samples": 4}),
+        ("ddim", {"proposal": "gradient", "proposal_scale": 2.0}),
+        ("flow", {"proposal": "gradient", "potential": "difference"}),
+        ("ddim", {"final_resample": True}),
+    ],
+    ids=["flow-sde", "ddpm", "adaptive-ess", "x0-samples", "gradient-proposal", "flow-gradient", "final-resample"],
+)
+def test_fk_variants_target_the_tilted_mixture(kind, overrides):
+    result = run_fk(64, kind, **overrides)
+    assert_matches(result, 64, TARGET, f"{kind} {overrides}")
+    if overrides.get("final_resample"):
+        assert torch.allclose(result.log_weights, torch.full_like(result.log_weights, -torch.log(torch.tensor(128.0))))
+
+
+def test_gradient_proposal_is_corrected_by_its_weights():
+    result = run_fk(64, proposal="gradient", proposal_scale=3.0, potential="difference")
+    unweighted = result.samples.view(64, -1).mean(1).mean()
+    weighted = group_estimates(result, 64, lambda x: x[..., 0]).mean()
+    # the shifted proposal alone overshoots the target; the importance weights bring it back
+    assert unweighted - TARGET.mean()[0] > 0.1
+    assert abs(weighted - TARGET.mean()[0]) < abs(unweighted - TARGET.mean()[0]) / 2
+    assert result.counts.reward_grad_rows > 0
+
+
+@pytest.mark.parametrize("potential", ["max", "difference"])
+def test_fk_approaches_the_target_as_particles_grow(potential):
+    errors = {}
+    for k in (1, 4, 64):
+        groups = 4096 // k
+        result = run_fk(groups, potential=potential, num_particles=k)
+        errors[k] = abs(group_estimates(result, groups, lambda x: x[..., 0]).mean() - TARGET.mean()[0]).item()
+    assert errors[1] == pytest.approx(abs(MIX.mean()[0] - TARGET.mean()[0]).item(), abs=0.08)  # K=1: the base law
+    assert errors[1] > errors[4] > errors[64], errors
+
+
+def test_two_sample_tests_accept_fk_and_reject_the_base_sampler():
+    groups = 1024
+    result = run_fk(groups, num_particles=32)
+    draws = one_per_group(result, groups).squeeze(1).numpy()
+    exact = TARGET.sample(4000, torch.Generator().manual_seed(1)).squeeze(1).numpy()
+    assert stats.ks_2samp(draws, exact).pvalue > 1e-3
+    base = run_fk(groups, num_particles=1)
+    assert stats.ks_2samp(one_per_group(base, groups).squeeze(1).numpy(), exact).pvalue < 1e-6
+
+
+def test_two_dimensional_quadratic_reward_energy_test():
+    mix = GaussianMixture.create([0.5, 0.3, 0.2], [[-1.5, 0.0], [1.0, 1.0], [0.5, -1.5]], [[0.5, 0.4], [0.4, 0.6], [0.5, 0.5]])
+    reward = QuadraticReward([1.0, 1.0])
+    target = reward.tilt(mix, 1.0)
+    groups = 384
+    result = run_fk(groups, reward=reward, mixture=mix, lambda_=1.0, num_particles=32)
+    draws = one_per_group(result, groups)
+    exact = target.sample(groups, torch.Generator().manual_seed(2))
+    _, p_fk = energy_distance_test(draws, exact, permutations=100, generator=torch.Generator().manual_seed(3))
+    assert p_fk > 1e-3
+    base = mix.sample(groups, torch.Generator().manual_seed(4))
+    _, p_base = energy_distance_test(base, exact, permutations=100, generator=torch.Generator().manual_seed(3))
+    assert p_base < 0.02  # the test has the power to tell the base law from the target
+    for d in range(2):
+        est = group_estimates(result, groups, lambda x, d=d: x[..., d])
+        assert abs(est.mean() - target.mean()[d]) <= 4 * est.std() / groups**0.5
+
+
+def _base_sample(groups: int, k: int, seed: int, kind: str = "ddim") -> torch.Tensor:
+    denoiser, schedule = toy(kind)
+    setup = prepare_particles(denoiser, schedule, k, sample_shape=(1,), num_prompts=groups, dtype=torch.float64)
+    gen, _ = make_generators(seed)
+    return sample_chain(schedule, setup.predictor, setup.initial_noise(gen), gen)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "flow"])
+def test_zero_lambda_and_constant_reward_reproduce_the_base_sampler(kind):
+    base = _base_sample(8, 4, seed=5, kind=kind)
+    zero = run_fk(8, kind, lambda_=0.0, num_particles=4, seed=5)
+    assert torch.equal(zero.samples, base)
+    constant = run_fk(8, kind, reward=lambda x, prompts: torch.full((x.shape[0],), 3.0), lambda_=10.0,
+                      num_particles=4, seed=5)
+    assert torch.equal(constant.samples, base)
+    torch.testing.assert_close(constant.log_weights, torch.full((8, 4), -math.log(4), dtype=torch.float64), atol=1e-12, rtol=0)
+    assert all(not bool(e.resampled.any()) for e in constant.ancestry)
+
+
+def test_skipped_resampling_carries_the_weights():
+    # never resampling turns FK into importance sampling: the final weights must be exp(lambda r(x0)),
+    # which only holds when every intermediate potential is carried forward and then corrected
+    result = run_fk(4, num_particles=16, ess_threshold=0.0, seed=2)
+    assert torch.equal(result.samples, _base_sample(4, 16, seed=2))
+    expected = torch.log_softmax(LAM * REWARD(result.samples).view(4, 16), dim=-1)
+    torch.testing.assert_close(result.log_weights, expected, atol=1e-10, rtol=0)
+    assert len(result.ancestry) == 4 and not any(bool(e.resampled.any()) for e in result.ancestry)
+
+
+def test_prompts_are_steered_independently():
+    # three "prompts" shift the mixture by their offsets; each group must reach its own tilted target
+    offsets = torch.tensor([-2.0, 0.0, 3.0]).repeat(24)
+    cond = {"offset": offsets[:, None].double()}
+    denoiser, schedule = toy()
+    result = fk_sample(denoiser, schedule, REWARD, FKConfig(num_particles=64, lambda_=LAM, resample_start=50,
+                       resample_end=200, resample_interval=50), sample_shape=(1,), cond=cond, dtype=torch.float64)
+    est = group_estimates(result, 72, lambda x: x[..., 0])
+    for j, offset in enumerate((-2.0, 0.0, 3.0)):
+        mine = est[j::3]
+        assert abs(mine.mean() - (TARGET.mean()[0] + offset)) <= 4 * mine.std() / mine.numel() ** 0.5
+    # resampling stays inside each prompt's group
+    for event in result.ancestry:
+        assert event.ancestors.shape == (72, 64) and int(event.ancestors.max()) < 64
+
+
+def test_chunking_and_seed_determinism():
+    sizes = []
+
+    def decode(x):
+        sizes.append(x.shape[0])
+        return x
+
+    common = dict(num_particles=10, seed=3)
+    denoiser, schedule = toy()
+    config = FKConfig(lambda_=LAM, resample_start=50, resample_end=200, resample_interval=50, **common)
+    whole = fk_sample(denoiser, schedule, REWARD, config, sample_shape=(1,), num_prompts=5, dtype=torch.float64)
+    chunked = fk_sample(denoiser, schedule, REWARD, FKConfig(lambda_=LAM, resample_start=50, resample_end=200,
+                        resample_interval=50, chunk_size=7, model_chunk_size=6, **common), sample_shape=(1,),
+                        num_prompts=5, decode_fn=decode, dtype=torch.float64)
+    assert torch.equal(whole.samples, chunked.samples)
+    assert torch.equal(whole.log_weights, chunked.log_weights)
+    assert max(sizes) == 7 and sum(sizes) == 50 * 5  # four intermediate steps + the final one, 50 particles each
+    assert chunked.counts.model_calls == STEPS * 9 and chunked.counts.model_rows == whole.counts.model_rows
+    again = fk_sample(denoiser, schedule, REWARD, config, sample_shape=(1,), num_prompts=5, dtype=torch.float64)
+    assert torch.equal(again.samples, whole.samples)
+    other = fk_sample(denoiser, schedule, REWARD, FKConfig(lambda_=LAM, num_particles=10, seed=4, resample_start=50,
+                      resample_end=200, resample_interval=50), sample_shape=(1,), num_prompts=5, dtype=torch.float64)
+    assert not torch.equal(other.samples, whole.samples)
+
+
+def test_custom_intermediate_reward_equals_the_default():
+    default = run_fk(4, num_particles=8)
+    denoiser, schedule = toy()
+    config = FKConfig(num_particles=8, lambda_=LAM, resample_start=50, resample_end=200, resample_interval=50,
+                      intermediate_reward="custom")
+    custom = fk_sample(denoiser, schedule, REWARD, config, sample_shape=(1,), num_prompts=4, dtype=torch.float64,
+                       intermediate_fn=lambda x_t, x0_hat, step: REWARD(x0_hat))
+    assert torch.equal(custom.samples, default.samples)
+
+
+def test_fk_beats_best_of_n_at_matched_model_evaluations():
+    denoiser, schedule = toy(steps=100)
+    groups, k = 512, 4
+    bon = best_of_n(denoiser, schedule, REWARD, BestOfNConfig(num_samples=k, seed=1), sample_shape=(1,),
+                    num_prompts=groups, dtype=torch.float64)
+    fk = fk_sample(denoiser, schedule, REWARD, FKConfig(num_particles=k, lambda_=10.0, seed=1), sample_shape=(1,),
+                   num_prompts=groups, dtype=torch.float64)
+    assert fk.counts.model_rows == bon.counts.model_rows == groups * k * 100
+    gain = fk.best_rewards() - bon.best_rewards()
+    # paired over prompts: FK's best particle beats best-of-N by many standard errors
+    assert gain.mean() > 5 * gain.std() / groups**0.5
+    # FK's extra cost is intermediate rewards only: 4 scheduled steps + the final one
+    assert fk.counts.reward_rows == 5 * bon.counts.reward_rows
+
+
+def test_best_of_n_is_fk_with_zero_lambda():
+    bon = best_of_n(*toy(), REWARD, BestOfNConfig(num_samples=4, seed=5), sample_shape=(1,), num_prompts=8,
+                    dtype=torch.float64)
+    assert torch.equal(bon.samples, _base_sample(8, 4, seed=5))
+    assert torch.equal(bon.best_indices(), bon.rewards.argmax(-1) + torch.arange(8) * 4)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: FKConfig(num_particles=0), r"num_particles=0 is out of range; accepted: \[1, inf\)"),
+        (lambda: FKConfig(num_particles=2.5), r"num_particles=2.5 must be an integer"),
+        (lambda: FKConfig(lambda_=-1.0), r"lambda_=-1.0 is out of range; accepted: \[0.0, inf\)"),
+        (lambda: FKConfig(potential="maxx"), r"potential='maxx' is not supported; accepted: .*'max'.*Did you mean 'max'"),
+        (lambda: FKConfig(resampler="bogus"), r"resampler='bogus' is not supported; accepted: 'multinomial', 'residual'"),
+        (lambda: FKConfig(resample_start=50, resample_end=10), r"resample_end=10 is before resample_start=50"),
+        (lambda: FKConfig(ess_threshold=1.5), r"ess_threshold=1.5 is out of range"),
+        (lambda: FKConfig(proposal="twisted"), r"proposal='twisted' is not supported; accepted: 'base', 'gradient'"),
+    ],
+)
+def test_config_errors_name_the_value(make, match):
+    with pytest.raises(AlignError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("kind,hint", [("ddim", "DDIM with eta > 0"), ("flow", "flow-matching SDE step")])
+def test_deterministic_sampler_is_refused(kind, hint):
+    scheduler = toy_scheduler(kind)
+    schedule = SamplingSchedule.from_scheduler(scheduler, 50, eta=0.0)
+    with pytest.raises(AlignError, match=rf"eta=0.0 is deterministic.*{hint}"):
+        fk_sample(MixtureDenoiser(MIX, scheduler), schedule, REWARD, FKConfig(resample_start=5, resample_end=40,
+                  resample_interval=5), sample_shape=(1,), num_prompts=2)
+
+
+def test_runtime_errors_are_clear():
+    denoiser, schedule = toy(steps=20)
+    with pytest.raises(AlignError, match="resample_start=20 is not a step of the 20-step sampler"):
+        fk_sample(denoiser, schedule, REWARD, FKConfig(), sample_shape=(1,), num_prompts=1)
+    small = FKConfig(resample_start=5, resample_end=15, resample_interval=5)
+    with pytest.raises(AlignError, match="intermediate_reward='custom' needs intermediate_fn"):
+        fk_sample(denoiser, schedule, REWARD, FKConfig(resample_start=5, intermediate_reward="custom"),
+                  sample_shape=(1,), num_prompts=1)
+    with pytest.raises(AlignError, match=r"weights became invalid at step 5 for prompts \[0, 1\]"):
+        fk_sample(denoiser, schedule, lambda x, p: torch.full((x.shape[0],), float("nan")), small,
+                  sample_shape=(1,), num_prompts=2)
+    with pytest.raises(AlignError, match=r"reward returned \(3, 1\); expected a tensor of shape \[3\]"):
+        fk_sample(denoiser, schedule, lambda x, p: x, FKConfig(num_particles=3, resample_start=5), sample_shape=(1,),
+                  num_prompts=1)
+    with pytest.raises(AlignError, match="disagree on the number of prompts"):
+        fk_sample(denoiser, schedule, REWARD, small, sample_shape=(1,), cond={"offset": torch.zeros(3, 1)},
+                  prompts=["a", "b"])
