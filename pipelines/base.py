@@ -6,6 +6,9 @@ encoders), so that diffusers' own ``from_pretrained(folder or hub id)`` and ``fr
 work unchanged.  At call time it recognises the family from its components, builds the family's
 diffusers pipeline around the same (shared, not copied) components for prompt encoding, and
 hands an :class:`align.models.DiffusionModel` to the core samplers.
+
+An SD ``safety_checker`` component is kept (so ``from_pipe`` round-trips) but not run: the
+outputs are the raw decoded images, as with ``output_type="pt"`` pipelines without one.
 """
 
 from __future__ import annotations
