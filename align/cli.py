@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "eval": "eval",
     "steer": "steer",
     "guide": "guide",
+    "demo": "demo",
 }
 
 

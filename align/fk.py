@@ -119,6 +119,7 @@ def fk_sample(
     intermediate_fn: IntermediateFn | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    step_callback: Callable[[int, Tensor], None] | None = None,
     **inputs: Any,
 ) -> SteeringResult:
     """Run FK steering and return the final particles, their rewards, weights and ancestry.
@@ -130,6 +131,8 @@ def fk_sample(
         config: :class:`FKConfig` (paper defaults when None).
         intermediate_fn: user intermediate reward for ``config.intermediate_reward='custom'``.
         generator: noise generator (defaults to one seeded with ``config.seed``).
+        step_callback: called as ``step_callback(i, x0_hat)`` after step ``i``'s resampling with the
+            x0-predictions of the current particles (e.g. to animate the particles denoising).
         inputs: what to sample, the keywords of :func:`align.particles.prepare_particles`:
             ``sample_shape`` (required), per-prompt ``cond``/``uncond`` with ``guidance_scale``,
             ``num_prompts``, ``prompts``, ``decode_fn``, ``device``, ``dtype``, ``model_dtype``.
@@ -176,6 +179,8 @@ def fk_sample(
                     grad = grad[index]
                 log_w = torch.where(resampled.unsqueeze(-1), torch.zeros_like(log_w), log_w)
                 events.append(ResamplingEvent(i, ancestors, resampled, ess, group_view(r_s, p)))
+        if step_callback is not None:
+            step_callback(i, schedule.predict(i, x, out)[0].detach())
         mean = schedule.transition(i, x, out).mean
         if std == 0.0:
             x = mean

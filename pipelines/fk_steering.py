@@ -103,6 +103,7 @@ class FKSteeringPipeline(SteeringPipelineBase):
         output_type: str = "pil",
         max_sequence_length: int | None = None,
         intermediate_fn: IntermediateFn | None = None,
+        step_callback: Callable[[int, torch.Tensor], None] | None = None,
         **config_fields: Any,
     ) -> FKSteeringPipelineOutput:
         """Steer generation of ``prompt`` (one or several) towards high ``reward``.
@@ -117,6 +118,8 @@ class FKSteeringPipeline(SteeringPipelineBase):
             sampler: 'auto' (DDIM for UNet families, flow matching for SD3/FLUX), 'ddim', 'ddpm' or 'flow'.
             eta: sampler stochasticity (1.0: DDIM eta=1 as in the paper; for flow models the SDE step).
             output_type: 'pil', 'np', 'pt' (tensor in [0, 1]) or 'latent'.
+            step_callback: FK only: ``step_callback(i, x0_hat)`` after each step with the latent
+                x0-predictions of the current particles (after that step's resampling).
             config_fields: any field of the config, e.g. ``num_particles=8, lambda_=5.0``.
         """
         config = apply_overrides(config if config is not None else FKConfig(), config_fields)
@@ -137,7 +140,10 @@ class FKSteeringPipeline(SteeringPipelineBase):
             model_dtype=model.dtype, progress=self._show_progress,
         )
         if isinstance(config, FKConfig):
-            result = fk_sample(model.denoiser, schedule, reward_fn, config, intermediate_fn=intermediate_fn, **inputs)
+            result = fk_sample(
+                model.denoiser, schedule, reward_fn, config, intermediate_fn=intermediate_fn,
+                step_callback=step_callback, **inputs,
+            )
         elif isinstance(config, BestOfNConfig):
             result = best_of_n(model.denoiser, schedule, reward_fn, config, **inputs)
         elif isinstance(config, GradientGuidanceConfig):

@@ -1,0 +1,53 @@
+"""The demo's plumbing on a tiny model: every report artefact, and honest, consistent figures."""
+
+import json
+
+import imageio.v3 as iio
+import pytest
+
+from align.demo import DemoConfig, _spearman, run_demo
+from align.errors import AlignError
+from align.models import DiffusionModel
+from align.testing import tiny_pipeline
+
+
+def test_demo_writes_report_and_summary(tmp_path):
+    cfg = DemoConfig(
+        output_dir=str(tmp_path / "demo"), num_steps=6, train_steps=4, batch_size=2,
+        prompts=["a red circle", "a blue square"], heldout_prompts=["a green circle", "a red square", "a blue circle"],
+        steer_prompts=2, num_particles=4, guide_seeds=1, eval_seeds=1, train_reward="brightness",
+    )
+    summary = run_demo(cfg, model=DiffusionModel(tiny_pipeline("sd")), progress=False)
+    report = tmp_path / "demo" / "report"
+    for name in ("index.html", "finetune_before.png", "finetune_after.png", "reward_curve.png", "steer_fk.png",
+                 "steer_best_of_n.png", "fk_particles.gif", "guidance_sweep.png", "reward_vs_w.png"):
+        assert (report / name).is_file(), name
+    html = (report / "index.html").read_text()
+    for name in ("finetune_before.png", "fk_particles.gif", "reward_vs_w.png"):
+        assert f"src='{name}'" in html
+    gif = iio.imread(report / "fk_particles.gif", index=None)
+    assert gif.shape[0] >= cfg.num_steps  # one frame per step (plus the held last frame)
+    saved = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert saved["checks"] == summary["checks"]
+    s = saved["steering"]
+    assert s["fk_model_rows"] == s["best_of_n_model_rows"]  # matched compute
+    assert s["fk_at_least_best_of_n"] == (s["fk_mean_best"] >= s["best_of_n_mean_best"])
+    g = saved["guidance"]
+    assert g["weights"] == cfg.guidance_weights and len(g["mean_reward"]) == len(g["weights"])
+    assert g["rising_with_w"] == all(b >= a for a, b in zip(g["mean_reward"], g["mean_reward"][1:]))
+    f = saved["finetune"]
+    assert f["improved"] == (f["finetuned_mean"] > f["base_mean"])
+    assert (tmp_path / "demo" / "train" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_spearman_known_values():
+    assert _spearman([0, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(1.0)
+    assert _spearman([0, 1, 2, 3], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert _spearman([0, 1, 2], [1, 1, 1]) == 0.0
+
+
+def test_demo_config_errors_name_the_value():
+    with pytest.raises(AlignError, match="truncation_steps=30 is out of range"):
+        DemoConfig(truncation_steps=30, num_steps=20)
+    with pytest.raises(AlignError, match=r"guidance_weights=\[1.0\] needs at least two"):
+        DemoConfig(guidance_weights=[1.0])
