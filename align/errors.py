@@ -64,3 +64,12 @@ def check_range(
         left = "[" if (low is not None and low_inclusive) else "("
         right = "]" if (high is not None and high_inclusive) else ")"
         raise ConfigError(f"{field}={value!r} is out of range; accepted: {left}{lo}, {hi}{right}")
+
+
+def check_device(field: str, value: str) -> None:
+    """Raise ConfigError unless ``value`` names a device: auto, cpu, cuda or cuda:N."""
+    ok = value in ("auto", "cpu", "cuda") or (
+        isinstance(value, str) and value.startswith("cuda:") and value[5:].isdigit()
+    )
+    if not ok:
+        raise ConfigError(f"{field}={value!r} is not supported; accepted: 'auto', 'cpu', 'cuda', 'cuda:N'")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import AlignError, ConfigError, check_range
+from .errors import AlignError, ConfigError, check_device, check_range
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -73,7 +73,7 @@ class SampleConfig:
         for name in ("height", "width"):
             if getattr(self, name) is not None:
                 check_range(name, getattr(self, name), 1, None, integer=True)
-        _check_device(self.device)
+        check_device("device", self.device)
 
 
 @dataclass
@@ -96,11 +96,6 @@ class EvalConfig(SampleConfig):
         if not self.rewards:
             raise ConfigError("rewards=[] is empty; name at least one reward")
         check_range("reward_batch_size", self.reward_batch_size, 1, None, integer=True)
-
-
-def _check_device(device: str) -> None:
-    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
-        raise ConfigError(f"device={device!r} is not supported; accepted: 'auto', 'cpu', 'cuda', 'cuda:N'")
 
 
 def resolve_device(device: str) -> torch.device:

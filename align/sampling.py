@@ -267,8 +267,7 @@ class SamplingSchedule:
         else:
             final = 1.0
         stride = config.num_train_timesteps // num_steps
-        alphas, sigmas, n_alphas, n_sigmas = [], [], [], []
-        c_x0, c_eps, c_xt, stds = [], [], [], []
+        rows = []  # (alpha_t, sigma_t, alpha_s, sigma_s, c_x0, c_eps, c_xt, noise_std) per step
         for i, t in enumerate(timesteps.tolist()):
             a_t = float(acp[t])
             if kind == "ddim":
@@ -278,44 +277,46 @@ class SamplingSchedule:
             a_prev = float(acp[prev_t]) if prev_t >= 0 else final
             alpha_t, sigma_t = math.sqrt(a_t), math.sqrt(1.0 - a_t)
             alpha_s, sigma_s = math.sqrt(a_prev), math.sqrt(1.0 - a_prev)
-            alphas.append(alpha_t)
-            sigmas.append(sigma_t)
-            n_alphas.append(alpha_s)
-            n_sigmas.append(sigma_s)
             if kind == "ddim":
                 std = posterior_noise_std(alpha_t, sigma_t, alpha_s, sigma_s, eta)
-                c_x0.append(alpha_s)
-                c_eps.append(math.sqrt(max(sigma_s**2 - std**2, 0.0)))
-                c_xt.append(0.0)
-                stds.append(std)
+                coefs = (alpha_s, math.sqrt(max(sigma_s**2 - std**2, 0.0)), 0.0)
             else:
                 # DDPM posterior q(x_prev | x_t, x0): mean = a * x0 + b * x_t (Ho et al. eq. 7)
                 beta_t = 1.0 - a_t / a_prev
-                c_x0.append(math.sqrt(a_prev) * beta_t / (1.0 - a_t))
-                c_eps.append(0.0)
-                c_xt.append(math.sqrt(a_t / a_prev) * (1.0 - a_prev) / (1.0 - a_t))
+                coefs = (
+                    math.sqrt(a_prev) * beta_t / (1.0 - a_t),
+                    0.0,
+                    math.sqrt(a_t / a_prev) * (1.0 - a_prev) / (1.0 - a_t),
+                )
                 if t == 0:
-                    stds.append(0.0)  # diffusers adds no noise on a step taken from t = 0
+                    std = 0.0  # diffusers adds no noise on a step taken from t = 0
                 elif config.variance_type == "fixed_large":
-                    stds.append(math.sqrt(beta_t))
+                    std = math.sqrt(beta_t)
                 else:
-                    stds.append(math.sqrt(max((1.0 - a_prev) / (1.0 - a_t) * beta_t, 1e-20)))
+                    std = math.sqrt(max((1.0 - a_prev) / (1.0 - a_t) * beta_t, 1e-20))
+            rows.append((alpha_t, sigma_t, alpha_s, sigma_s, *coefs, std))
         clip = float(config.clip_sample_range) if getattr(config, "clip_sample", False) else None
+        init_sigma = float(getattr(scheduler, "init_noise_sigma", 1.0))
+        return cls._from_rows(kind, prediction_type, timesteps, rows, eta, clip, init_sigma, device)
+
+    @classmethod
+    def _from_rows(cls, kind, prediction_type, timesteps, rows, eta, clip, init_sigma, device) -> SamplingSchedule:
+        alphas, sigmas, n_alphas, n_sigmas, c_x0, c_eps, c_xt, stds = (tuple(col) for col in zip(*rows))
         return cls(
             kind=kind,
             prediction_type=prediction_type,
             timesteps=timesteps.to(device) if device is not None else timesteps,
-            alphas=tuple(alphas),
-            sigmas=tuple(sigmas),
-            next_alphas=tuple(n_alphas),
-            next_sigmas=tuple(n_sigmas),
-            coef_x0=tuple(c_x0),
-            coef_eps=tuple(c_eps),
-            coef_xt=tuple(c_xt),
-            noise_stds=tuple(stds),
+            alphas=alphas,
+            sigmas=sigmas,
+            next_alphas=n_alphas,
+            next_sigmas=n_sigmas,
+            coef_x0=c_x0,
+            coef_eps=c_eps,
+            coef_xt=c_xt,
+            noise_stds=stds,
             eta=eta,
             clip_sample_range=clip,
-            init_noise_sigma=float(getattr(scheduler, "init_noise_sigma", 1.0)),
+            init_noise_sigma=init_sigma,
         )
 
     @classmethod
@@ -335,36 +336,13 @@ class SamplingSchedule:
         if getattr(config, "invert_sigmas", False):
             raise AlignError("FlowMatchEulerDiscreteScheduler with invert_sigmas=True is not supported")
         sig = [float(s) for s in scheduler.sigmas.double().tolist()]
-        timesteps = scheduler.timesteps.clone()
-        alphas, sigmas, n_alphas, n_sigmas = [], [], [], []
-        c_x0, c_eps, stds = [], [], []
+        rows = []
         for i in range(num_steps):
             sigma_t, sigma_s = sig[i], sig[i + 1]
             alpha_t, alpha_s = 1.0 - sigma_t, 1.0 - sigma_s
             std = posterior_noise_std(alpha_t, sigma_t, alpha_s, sigma_s, eta) if alpha_s > 0 else 0.0
-            alphas.append(alpha_t)
-            sigmas.append(sigma_t)
-            n_alphas.append(alpha_s)
-            n_sigmas.append(sigma_s)
-            c_x0.append(alpha_s)
-            c_eps.append(math.sqrt(max(sigma_s**2 - std**2, 0.0)))
-            stds.append(std)
-        return cls(
-            kind="flow",
-            prediction_type="flow",
-            timesteps=timesteps.to(device) if device is not None else timesteps,
-            alphas=tuple(alphas),
-            sigmas=tuple(sigmas),
-            next_alphas=tuple(n_alphas),
-            next_sigmas=tuple(n_sigmas),
-            coef_x0=tuple(c_x0),
-            coef_eps=tuple(c_eps),
-            coef_xt=(0.0,) * num_steps,
-            noise_stds=tuple(stds),
-            eta=eta,
-            clip_sample_range=None,
-            init_noise_sigma=1.0,
-        )
+            rows.append((alpha_t, sigma_t, alpha_s, sigma_s, alpha_s, math.sqrt(max(sigma_s**2 - std**2, 0.0)), 0.0, std))
+        return cls._from_rows("flow", "flow", scheduler.timesteps.clone(), rows, eta, None, 1.0, device)
 
 
 def guided_prediction(

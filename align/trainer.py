@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointManager, atomic_directory, atomic_write_text, rng_state, set_rng_state
 from .config import save_config, to_dict
-from .errors import AlignError, ConfigError, check_choice, check_range
+from .errors import AlignError, ConfigError, check_choice, check_device, check_range
 from .lora import LoRAConfig, adapters_disabled, add_lora, save_lora, trainable_parameters
 from .methods import METHODS, AlignPropConfig, DraftConfig, DraftLVConfig, MethodConfig, ReFLConfig
 
@@ -144,8 +144,7 @@ class TrainConfig:
         check_range("monitor_every", self.monitor_every, 0, None, integer=True)
         check_range("monitor_patience", self.monitor_patience, 0, None, integer=True)
         check_range("monitor_tolerance", self.monitor_tolerance, 0.0, None)
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"device={self.device!r} is not supported; accepted: 'auto', 'cpu', 'cuda', 'cuda:N'")
+        check_device("device", self.device)
         if not self.output_dir:
             raise ConfigError("output_dir='' is empty; give a folder for the run")
         if self.method_config.kl_weight > 0 and not self.lora.enabled:

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, check_choice
+from ..errors import ConfigError, check_choice, check_device
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -17,8 +17,7 @@ def check_run_fields(config) -> None:
     """Validate the fields every inference command has (device, dtype, sizes, output folder)."""
     from ..errors import check_range
 
-    if not (config.device in ("auto", "cpu", "cuda") or config.device.startswith("cuda:")):
-        raise ConfigError(f"device={config.device!r} is not supported; accepted: 'auto', 'cpu', 'cuda', 'cuda:N'")
+    check_device("device", config.device)
     check_choice("dtype", config.dtype, DTYPES)
     for name in ("height", "width", "max_sequence_length"):
         if getattr(config, name) is not None:
