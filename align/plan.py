@@ -18,9 +18,9 @@ batch size, so each call is traced at batch 1 and 2 and the budget search is ins
 
 Attention is traced as the fused kernels PyTorch uses on CUDA and CPU (flash / memory-efficient),
 which keep the output and the log-sum-exp rather than the attention matrix.  Not modelled:
-allocator fragmentation and cuDNN workspaces (GPU), autocast's float32 islands under mixed
-precision (the trace runs wholly in the weight dtype), and the reward model (pass its memory as
-``extra_memory_gb``).
+allocator fragmentation and cuDNN workspaces (GPU), the float32 ops of CUDA autocast under mixed
+precision (the trace runs wholly in the weight dtype, which matches CPU bf16 autocast within a few
+percent), and the reward model (pass its memory as ``extra_memory_gb``).
 """
 
 from __future__ import annotations
@@ -756,6 +756,11 @@ class MemoryPlanner:
         size = torch.tensor([], dtype=dtype).element_size()
         for name in self.spec.text_encoders:
             self.weights[name] = float(_text_encoder_parameters(self.spec, name) * size)
+        if dtype != torch.float32:
+            # under autocast the float32 LoRA weights compute in the low dtype; trace them so (their float32
+            # bytes are counted above), or peft's casts would keep float32 copies of every adapted input
+            for p in params:
+                p.data = p.data.to(dtype)
         self.profiles = _profiles(model, self.spec, config, self.height, self.width)
 
     def phases(self, batch_size: int, grad_steps: int, num_steps: int | None = None) -> dict[str, float]:
