@@ -137,13 +137,15 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
+    given_model = model
     if model is None:
         model = DiffusionModel.from_pretrained(config.model, device=device)
     h, w = (config.height, config.width) if config.height and config.width else model.default_resolution()
     scale = max(1, 96 // w)  # enlarge tiny images in the report
     train_prompts = load_prompts(config.prompts)
     heldout = load_prompts(config.heldout_prompts)
-    summary: dict[str, Any] = {"config": to_dict(config), "model": config.model, "resolution": [h, w]}
+    model_name = str(model.source) if model.source else (config.model if given_model is None else "an in-memory pipeline")
+    summary: dict[str, Any] = {"config": to_dict(config), "model": model_name, "resolution": [h, w]}
     sections: list[Section] = []
     parts = tqdm(total=3, desc="demo", disable=not progress, position=0)
 
@@ -361,7 +363,7 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
     sections.insert(0, Section("Summary", f"Finished in {summary['seconds']:.0f} s on {device}.", table=checks))
     write_html(
         report_dir / "index.html", "diffusion-align demo",
-        sections, subtitle=f"model: {config.model} ({model.family}, {h}x{w} px)",
+        sections, subtitle=f"model: {model_name} ({model.family}, {h}x{w} px)",
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
