@@ -317,13 +317,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ sampling + loss
     def _sample_batch(self, step: int, micro: int) -> tuple[list[str], list[torch.Generator]]:
-        """Prompts and per-sample generators of this process's share of the global batch."""
+        """Prompts and per-sample generators of this process's share of the global batch.
+
+        Sample j of optimiser step ``step`` (j counts over micro-steps, then processes, then the
+        batch) always gets the same prompt and noise, so batch 2 x 1 micro-step, batch 1 x 2
+        micro-steps and 2 processes x batch 1 train on the same samples.
+        """
         cfg = self.config
         prompts, gens = [], []
+        per_micro = self.num_processes * cfg.batch_size
         for b in range(cfg.batch_size):
-            j = self.rank * cfg.batch_size + b
-            seed = _sample_seed(cfg.seed, step, micro, j)
-            g = torch.Generator().manual_seed(seed)
+            j = micro * per_micro + self.rank * cfg.batch_size + b
+            g = torch.Generator().manual_seed(_sample_seed(cfg.seed, step, j))
             prompts.append(self.prompts[int(torch.randint(len(self.prompts), (), generator=g))])
             gens.append(g)
         return prompts, gens
@@ -343,7 +348,9 @@ class Trainer:
 
         cfg, method, model = self.config, self.method, self.model
         prompts, gens = self._sample_batch(step, micro)
-        plan = self.policy.plan(self.schedule.num_steps, torch.Generator().manual_seed(_sample_seed(cfg.seed, step, micro, 2**31)))
+        # one truncation plan per micro-batch, the same on every process
+        plan_seed = _sample_seed(cfg.seed, step, 2**31 + micro)
+        plan = self.policy.plan(self.schedule.num_steps, torch.Generator().manual_seed(plan_seed))
         pc = self._encode(prompts)
         x_T = self.schedule.initial_noise(model.latent_shape(len(prompts), self.height, self.width), gens, model.device, model.dtype)
         reference = None
@@ -527,8 +534,13 @@ class Trainer:
         return self.step
 
     def save_lora(self, directory: Path | None = None) -> Path | None:
-        """Save the (EMA, when enabled) LoRA in diffusers' format, atomically; main process only."""
-        target = Path(directory) if directory is not None else self.output_dir / "lora"
+        """Save the (EMA, when enabled) LoRA in diffusers' format, atomically; main process only.
+
+        With full fine-tuning (lora.enabled=false) the whole denoiser is saved with save_pretrained.
+        """
+        # a LoRA goes to lora/; full fine-tuning saves the whole denoiser (unet/ or transformer/)
+        default = "lora" if self.config.lora.enabled else ("transformer" if self.model.is_flow else "unet")
+        target = Path(directory) if directory is not None else self.output_dir / default
         path = None
         if self.is_main:
             with _swapped(self.params, self.ema):

@@ -172,3 +172,63 @@ def test_cli_trains_a_local_model(tmp_path):
     assert "LoRA saved to" in proc.stdout
     assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+
+
+def _train(cfg, family="sd"):
+    trainer = Trainer(cfg, model=DiffusionModel(tiny_pipeline(family)), progress=False)
+    trainer.train()
+    return trainer
+
+
+def test_accumulation_trains_on_the_same_samples_as_a_larger_batch(tmp_path):
+    one = _train(_config(tmp_path / "a", "draft", max_steps=3, batch_size=2, method_args={"num_steps": 4, "truncation_steps": 2}))
+    two = _train(_config(tmp_path / "b", "draft", max_steps=3, batch_size=1, gradient_accumulation_steps=2,
+                         method_args={"num_steps": 4, "truncation_steps": 2}))
+    for a, b in zip(one.params, two.params):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_text_encoder_lora_is_trained(tmp_path):
+    trainer = _train(_config(tmp_path, "draft", max_steps=2, lora={"rank": 2, "text_encoder": True},
+                             method_args={"num_steps": 3}))
+    text = [(n, p) for n, p in zip(trainer.param_names, trainer.params) if n.startswith("text_encoder")]
+    assert text and all("lora" in n for n, _ in text)
+    assert any(p.detach().abs().sum() > 0 for n, p in text if "lora_B" in n)  # B starts at zero
+
+
+def test_full_finetuning_trains_every_denoiser_weight_and_saves_the_model(tmp_path):
+    model = DiffusionModel(tiny_pipeline("sd"))
+    before = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    cfg = _config(tmp_path, "draft", max_steps=2, lora={"enabled": False}, method_args={"num_steps": 3, "learning_rate": 1e-3})
+    trainer = Trainer(cfg, model=model, progress=False)
+    trainer.train()
+    assert len(trainer.params) == len(before)
+    changed = sum(not torch.equal(before[n], p.detach()) for n, p in model.module.named_parameters())
+    assert changed > 0.9 * len(before)
+    assert not any(p.requires_grad for p in model.pipe.vae.parameters())
+    from diffusers import UNet2DConditionModel
+
+    saved = UNet2DConditionModel.from_pretrained(tmp_path / "run-draft-sd" / "unet")
+    for (n, p), q in zip(model.module.named_parameters(), saved.parameters()):
+        assert torch.equal(p.detach(), q), n
+
+
+def test_kl_regularizer_is_zero_at_start_then_positive(tmp_path):
+    _train(_config(tmp_path, "draft", max_steps=3, method_args={"num_steps": 3, "kl_weight": 0.5}))
+    lines = [json.loads(x) for x in (tmp_path / "run-draft-sd" / "metrics.jsonl").read_text().splitlines()]
+    kl = [m["kl_regularizer"] for m in lines if "kl_regularizer" in m]
+    assert len(kl) == 3
+    assert kl[0] == 0.0  # LoRA B starts at zero: trained == frozen predictions
+    assert kl[-1] > 0.0
+
+
+def test_ema_weights_are_what_is_saved(tmp_path):
+    from safetensors.torch import load_file
+
+    trainer = _train(_config(tmp_path, "draft", max_steps=3, ema_decay=0.5, method_args={"num_steps": 3}))
+    saved = load_file(tmp_path / "run-draft-sd" / "lora" / "pytorch_lora_weights.safetensors")
+    ema_norm = sum(float(e.abs().sum()) for e in trainer.ema)
+    raw_norm = sum(float(p.detach().abs().sum()) for p in trainer.params)
+    saved_norm = sum(float(v.abs().sum()) for v in saved.values())
+    assert saved_norm == pytest.approx(ema_norm, rel=1e-5)
+    assert abs(saved_norm - raw_norm) > 1e-4 * raw_norm
