@@ -193,6 +193,7 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
         {"batch reward": (steps, rewards_per_step), "moving average (5)": (steps, moving_average(rewards_per_step, 5))},
         title=f"DRaFT-K training reward ({train_reward.name})", xlabel="optimiser step", ylabel="reward",
     )
+    fidelity = _prompt_fidelity(eval_prompts, before, after)
     finetune = {
         "reward": train_reward.name,
         "base_mean": float(r_before.mean()),
@@ -205,7 +206,17 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
         "train_seconds": round(train_seconds, 1),
         "lora_dir": str(result.lora_dir),
     }
+    if fidelity is not None:
+        finetune["prompt_fidelity_base"], finetune["prompt_fidelity_finetuned"] = fidelity
     summary["finetune"] = finetune
+    fidelity_text = ""
+    if fidelity is not None:
+        fidelity_text = (
+            f"\n\nPrompt fidelity (the shapes classifier agrees on shape, colour and background): "
+            f"{fidelity[0]:.0%} (base) -> {fidelity[1]:.0%} (fine-tuned). Optimising one reward can trade away "
+            "what it does not measure (reward hacking); `align train` can watch held-out rewards on held-out "
+            "prompts (monitor_rewards, monitor_prompts) and stop when they diverge."
+        )
     sections.append(
         Section(
             "1. Fine-tuning with DRaFT-K and LoRA",
@@ -213,7 +224,7 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
             f"LoRA rank {config.lora_rank} on the attention projections) toward the differentiable reward "
             f"'{train_reward.name}', in {train_seconds:.0f} s. The held-out prompts and seeds below were never trained "
             f"on; the same seeds give the left and right grids.\n\nMean reward on {len(eval_prompts)} held-out images: "
-            f"{finetune['base_mean']:.4f} (base) -> {finetune['finetuned_mean']:.4f} (fine-tuned).",
+            f"{finetune['base_mean']:.4f} (base) -> {finetune['finetuned_mean']:.4f} (fine-tuned).{fidelity_text}",
             [
                 Figure("finetune_before.png", "base model"),
                 Figure("finetune_after.png", "fine-tuned (LoRA)"),
@@ -367,6 +378,22 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _prompt_fidelity(prompts: list[str], before: torch.Tensor, after: torch.Tensor) -> tuple[float, float] | None:
+    """Fraction of images the shapes classifier reads as their prompt, before and after; None
+    when the prompts are not shapes prompts (another model)."""
+    from . import shapes
+    from .errors import AlignError
+
+    try:
+        scenes = [shapes.parse_prompt(p) for p in prompts]
+    except AlignError:
+        return None
+    return (
+        shapes.agreement(scenes, shapes.classify(before))["all"],
+        shapes.agreement(scenes, shapes.classify(after))["all"],
+    )
 
 
 def _spearman(xs: list[float], ys: list[float]) -> float:

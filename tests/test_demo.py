@@ -51,3 +51,14 @@ def test_demo_config_errors_name_the_value():
         DemoConfig(truncation_steps=30, num_steps=20)
     with pytest.raises(AlignError, match=r"guidance_weights=\[1.0\] needs at least two"):
         DemoConfig(guidance_weights=[1.0])
+
+
+def test_prompt_fidelity_reads_rendered_scenes():
+    from align import shapes
+    from align.demo import _prompt_fidelity
+
+    scenes = shapes.sample_scenes(6, 0)
+    images = shapes.render(scenes, size=64, seed=0)
+    prompts = [s.prompt for s in scenes]
+    assert _prompt_fidelity(prompts, images, images.flip(0)) == (1.0, 0.0)
+    assert _prompt_fidelity(["a cat"] * 6, images, images) is None
