@@ -62,3 +62,11 @@ def test_prompt_fidelity_reads_rendered_scenes():
     prompts = [s.prompt for s in scenes]
     assert _prompt_fidelity(prompts, images, images.flip(0)) == (1.0, 0.0)
     assert _prompt_fidelity(["a cat"] * 6, images, images) is None
+
+
+@pytest.mark.slow
+def test_full_demo_on_the_builtin_model(tmp_path):
+    """`align demo` as the README runs it (about 3 minutes on 2 CPU cores): every expectation holds."""
+    summary = run_demo(DemoConfig(output_dir=str(tmp_path / "demo")), progress=False)
+    assert all(summary["checks"].values()), summary["checks"]
+    assert summary["finetune"]["prompt_fidelity_base"] >= 0.9
