@@ -34,7 +34,8 @@ def test_demo_writes_report_and_summary(tmp_path):
     assert s["fk_at_least_best_of_n"] == (s["fk_mean_best"] >= s["best_of_n_mean_best"])
     g = saved["guidance"]
     assert g["weights"] == cfg.guidance_weights and len(g["mean_reward"]) == len(g["weights"])
-    assert g["rising_with_w"] == all(b >= a for a, b in zip(g["mean_reward"], g["mean_reward"][1:]))
+    assert g["monotone"] == all(b >= a for a, b in zip(g["mean_reward"], g["mean_reward"][1:]))
+    assert g["rising_with_w"] == (g["spearman"] >= 0.8 and g["mean_reward"][-1] > g["mean_reward"][0])
     f = saved["finetune"]
     assert f["improved"] == (f["finetuned_mean"] > f["base_mean"])
     assert (tmp_path / "demo" / "train" / "lora" / "pytorch_lora_weights.safetensors").is_file()
