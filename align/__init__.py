@@ -12,11 +12,19 @@ import logging as _logging
 __version__ = "0.1.0"
 
 
-class _DropTorchvisionFallbackNotice(_logging.Filter):
-    # transformers announces, at import, that its image processors fall back to PIL without
-    # torchvision; this toolkit never uses them (rewards preprocess in torch), so the notice is noise.
+class _DropNotice(_logging.Filter):
+    """Drop one library notice that says nothing to this toolkit's users."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
     def filter(self, record: _logging.LogRecord) -> bool:
-        return "requires torchvision (not installed)" not in record.getMessage()
+        return self.text not in record.getMessage()
 
 
-_logging.getLogger("transformers.utils.import_utils").addFilter(_DropTorchvisionFallbackNotice())
+# transformers announces at import that its image processors fall back to PIL without
+# torchvision; the toolkit never uses them (rewards preprocess in torch).
+_logging.getLogger("transformers.utils.import_utils").addFilter(_DropNotice("requires torchvision (not installed)"))
+# diffusers warns on every dtype cast of a model, even when the list of modules it names is empty.
+_logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropNotice("should be kept in float32: []"))

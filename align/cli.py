@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .commands.common import quiet_libraries
+
+    # the libraries' own loading bars and info logs drown the toolkit's progress bars
+    quiet_libraries()
     from .errors import AlignError
 
     try:

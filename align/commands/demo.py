@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_config_arguments, config_epilog, quiet_libraries, resolve_config
+from .common import add_config_arguments, config_epilog, resolve_config
 
 
 def add_parser(subparsers) -> None:
@@ -34,7 +34,6 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(DemoConfig, args)
     if config is None:
         return 0
-    quiet_libraries()
     summary = run_demo(config, progress=not args.quiet)
     f, s, g = summary["finetune"], summary["steering"], summary["guidance"]
     print(f"1. fine-tuning ({f['reward']}): base {f['base_mean']:.4f} -> fine-tuned {f['finetuned_mean']:.4f}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_config_arguments, config_epilog, quiet_libraries, resolve_config
+from .common import add_config_arguments, config_epilog, resolve_config
 
 
 def add_parser(subparsers) -> None:
@@ -40,8 +40,6 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(EvalConfig, args)
     if config is None:
         return 0
-    if args.quiet:
-        quiet_libraries()
     table = evaluate(config, progress=not args.quiet)
     width = max(len(n) for n in table["summary"])
     print(f"{'reward':{width}s}  {'mean':>10s}  {'std':>10s}  {'n':>5s}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_config_arguments, config_epilog, quiet_libraries, resolve_config
+from .common import add_config_arguments, config_epilog, resolve_config
 
 
 def add_parser(subparsers) -> None:
@@ -28,8 +28,6 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(SampleConfig, args)
     if config is None:
         return 0
-    if args.quiet:
-        quiet_libraries()
     out, records, _ = sample_to_folder(config, progress=not args.quiet)
     print(f"{len(records)} images written to {out} (grid: {out / 'grid.png'})")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_config_arguments, config_epilog, quiet_libraries, resolve_config
+from .common import add_config_arguments, config_epilog, resolve_config
 
 
 def add_parser(subparsers) -> None:
@@ -32,8 +32,6 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(TrainConfig, args)
     if config is None:
         return 0
-    if args.quiet:
-        quiet_libraries()
     trainer = Trainer(config, progress=not args.quiet)
     result = trainer.train()
     if not trainer.is_main:
