@@ -164,15 +164,29 @@ def test_k1_gradient_matches_finite_differences():
     assert torch.allclose(objective_fixed_prefix(), loss.detach())
 
 
-def test_detached_denoiser_input_differs_but_reaches_lora():
-    model, params = _model("sd")
-    _loss(model, LastK(2).plan(STEPS))[0].backward()
+def _plain_and_detached_grads(k: int):
+    model, params = _model("sd", dtype=torch.float64)
+    _loss(model, LastK(k).plan(STEPS))[0].backward()
     plain = _grads(params)
     model.module.zero_grad()
-    _loss(model, LastK(2).plan(STEPS), detach_input=True)[0].backward()
-    drtune = _grads(params)
+    _loss(model, LastK(k).plan(STEPS), detach_input=True)[0].backward()
+    return plain, _grads(params)
+
+
+def test_detached_denoiser_input_differs_but_reaches_lora():
+    plain, drtune = _plain_and_detached_grads(2)
     assert all(g is not None and g.abs().sum() > 0 for g in drtune)
-    assert max((a - b).abs().max() for a, b in zip(plain, drtune)) > 1e-7
+    # The path through the next step's input is small on the tiny model (about 6e-4 of the
+    # gradient), so the check is relative and in float64, where rounding sits near 1e-16.
+    scale = max(a.abs().max() for a in plain)
+    assert max((a - b).abs().max() for a, b in zip(plain, drtune)) > 1e-5 * scale
+
+
+def test_detached_denoiser_input_changes_nothing_with_one_grad_step():
+    # With K=1 the denoiser input comes from no-grad steps, so DRTune's stop-gradient is a no-op.
+    plain, drtune = _plain_and_detached_grads(1)
+    for a, b in zip(plain, drtune):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
 def test_refl_scores_the_x0_prediction_of_its_step():
