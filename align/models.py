@@ -13,10 +13,12 @@ checkpoints are refused unless ``allow_pickle=True``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -358,16 +360,16 @@ class DiffusionModel:
     def decode(self, latents: Tensor, *, gradient_checkpointing: bool = False, chunk_size: int | None = None) -> Tensor:
         """Decode latents to images in [0, 1], [B, 3, H, W] (float32, or float64 for a float64 VAE).
 
-        With ``gradient_checkpointing`` the decoder's activations are recomputed in the backward
-        pass instead of stored; ``chunk_size`` bounds how many latents are decoded at once.
+        With ``gradient_checkpointing`` every resnet, attention and upsampling block of the decoder
+        is checkpointed on its own: the backward recomputes one block at a time, so its peak is one
+        block's activations plus the block inputs, not the whole decoder's activations (which is
+        what checkpointing the decode as one piece costs, since its backward recomputes them all
+        at once).  ``chunk_size`` bounds how many latents are decoded at once.
         """
         chunks = latents.split(chunk_size) if chunk_size else (latents,)
-        out = []
-        for chunk in chunks:
-            if gradient_checkpointing and torch.is_grad_enabled():
-                out.append(checkpoint(self._decode_chunk, chunk, use_reentrant=False))
-            else:
-                out.append(self._decode_chunk(chunk))
+        checkpointed = gradient_checkpointing and torch.is_grad_enabled()
+        with checkpointed_blocks(self.pipe.vae.decoder) if checkpointed else contextlib.nullcontext():
+            out = [self._decode_chunk(chunk) for chunk in chunks]
         return torch.cat(out) if len(out) > 1 else out[0]
 
     def encode_images(self, images: Tensor) -> Tensor:
@@ -378,6 +380,31 @@ class DiffusionModel:
         if shift is not None:
             z = z - shift
         return z * vae.config.scaling_factor
+
+
+CHECKPOINTED_BLOCKS = ("ResnetBlock2D", "Attention", "Upsample2D")  # diffusers' VAE decoder blocks
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(module: torch.nn.Module, block_types: Sequence[str] = CHECKPOINTED_BLOCKS) -> Iterator[int]:
+    """Within the context, every submodule of ``module`` whose class is named in ``block_types``
+    runs under activation checkpointing; yields how many blocks that is.
+
+    A module with none of those blocks (another decoder architecture) is checkpointed as a whole.
+    The recomputation happens in the backward pass, after the context has closed: it calls the
+    blocks' own ``forward``, so nothing is left patched.
+    """
+    blocks = [m for m in module.modules() if type(m).__name__ in block_types]
+    if not blocks:
+        blocks = [module]
+    for block in blocks:
+        # the decoder has no randomness (no dropout in use): the RNG state need not be replayed
+        block.forward = partial(checkpoint, block.forward, use_reentrant=False, preserve_rng_state=False)
+    try:
+        yield len(blocks)
+    finally:
+        for block in blocks:
+            del block.forward
 
 
 def enable_memory_efficient_attention(pipe) -> bool:

@@ -11,7 +11,8 @@ frees.  That gives, per call, the forward's transient peak, the bytes autograd k
 backward, and the peak of forward + backward, which is also what a checkpointed call costs when
 it is recomputed in the backward pass.  The step's peak then follows by replaying the structure
 of :func:`align.backprop.sample_with_grad` and the trainer: T - K grad-free calls; K grad-enabled
-(checkpointed) calls whose kept bytes accumulate; the (checkpointed) VAE decode; the backward
+(checkpointed) calls whose kept bytes accumulate; the VAE decode (traced block-checkpointed
+when checkpointing is on, as it runs); the backward
 through the decode and then through each call in reverse; the optimiser step.  Weights,
 gradients and AdamW state are counted from the parameters.  Activation figures are affine in the
 batch size, so each call is traced at batch 1 and 2 and the budget search is instant.
@@ -33,6 +34,7 @@ import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -595,7 +597,7 @@ def _profiles(model, spec: ModelSpec, config: PlanConfig, height: int, width: in
             return guided_prediction(model.denoiser, x_in, t, cond, uncond, 7.5)
 
         traces.append(trace_call(call, x))
-        decodes.append(trace_call(model.decode, x))
+        decodes.append(trace_call(partial(model.decode, gradient_checkpointing=config.gradient_checkpointing), x))
         chains.append(_chain_bytes(model, spec, config, height, width, batch))
     per = chains[1] - chains[0]
     return _Profiles(Affine.from_traces(*traces), Affine.from_traces(*decodes), per, chains[0] - per)
@@ -706,8 +708,9 @@ def _phases(p: _Profiles, batch: int, k: int, copies: int, grad_free: int, ckpt:
     if call_copies is not None:
         phases["re-noised copies forward"] = kept + fwd(call_copies)
         kept += keep(call_copies, batch * copies)
-    phases["decode forward"] = kept + fwd(decode)
-    phases["reward"] = kept + (0.0 if ckpt else decode.kept) + decode.output
+    # the decode is traced as it runs (block-checkpointed or not): what it keeps is its own trace's
+    phases["decode forward"] = kept + decode.grad_forward
+    phases["reward"] = kept + decode.kept + decode.output
     phases["decode backward"] = kept + decode.backward
     backward = []
     if call_copies is not None:

@@ -9,10 +9,12 @@ Peak memory of one optimiser step:
   allocated before the step.
 * CPU: there is no allocator counter, so the worker uses the kernel's resident-set high-water mark
   (``VmHWM``), reset before the step through ``/proc/self/clear_refs``, minus the resident set
-  before the step.  Workers run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc serves every
-  tensor larger than 64 KiB from its own mapping and returns it to the kernel when freed: the
-  resident set then follows the live tensor bytes (checked against torch's profiler, which counts
-  allocator events, to within 1% on a UNet call).
+  before the step.  For that step glibc is told (``mallopt``) to serve every allocation larger than
+  64 KiB from its own mapping and to return it to the kernel when freed, so that the resident set
+  follows the live tensor bytes (checked against torch's profiler, which counts allocator events,
+  to within 1% on a UNet call).  Timed steps run with glibc keeping freed blocks for reuse (as its
+  default does once warmed up, and as CUDA's caching allocator does): returning every tensor to
+  the kernel would add page faults that inflate CPU step times by about a third.
 
 This module is imported by workers running under other virtual environments (TRL's), so it
 imports nothing from the package at module level.
@@ -20,6 +22,7 @@ imports nothing from the package at module level.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
@@ -35,7 +38,22 @@ from typing import Any
 import torch
 
 MIB = 2**20
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+MALLOC_MODES = {"measure": (64 * 1024, 128 * 1024), "fast": (32 * MIB, 64 * MIB)}  # (mmap, trim) thresholds
+
+
+def malloc_mode(mode: str) -> bool:
+    """Set glibc's allocation policy for 'measure' (memory) or 'fast' (timing); see the module docstring.
+
+    Returns False where glibc's ``mallopt`` is not available (then nothing changes).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    mmap_threshold, trim_threshold = MALLOC_MODES[mode]
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
 def _proc_status() -> dict[str, int]:
@@ -78,12 +96,23 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_step(step: Callable[[], Any], device: str) -> float:
+    """Wall time of one call of ``step``, in seconds (synchronised on CUDA)."""
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def measure_step(step: Callable[[], Any], device: str, *, timed_steps: int, warmup_steps: int = 1) -> dict[str, Any]:
     """Warm up, measure the peak memory of one step, then time ``timed_steps`` more steps.
 
     Returns peak_mb (of the first step after warm-up), resident_mb (before it) and the step
-    times (median and all).
+    times (median and all).  Timing starts with one more untimed step, after the switch of the
+    allocation policy.
     """
+    malloc_mode("measure")
     for _ in range(warmup_steps):
         step()
     meter = PeakMemory(device)
@@ -92,12 +121,10 @@ def measure_step(step: Callable[[], Any], device: str, *, timed_steps: int, warm
     step()
     peak = meter.stop()
     times = []
-    for _ in range(timed_steps):
-        synchronize(device)
-        start = time.perf_counter()
+    if timed_steps:
+        malloc_mode("fast")
         step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+        times = [time_step(step, device) for _ in range(timed_steps)]
     return {
         "peak_mb": peak / MIB,
         "resident_mb": resident / MIB,
@@ -121,6 +148,20 @@ def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
+def code_revision() -> str | None:
+    """The git commit of this checkout ('+changes' when the tree has uncommitted edits), if known."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def machine_info(device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
     """What the figures were measured on."""
     import diffusers
@@ -137,6 +178,7 @@ def machine_info(device: str = "cpu", threads: int | None = None) -> dict[str, A
         "transformers": transformers.__version__,
         "load_average": load_average(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "code": code_revision(),
     }
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -177,6 +219,61 @@ def worker_main(run: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
         print(json.dumps(result))
         return True
     return False
+
+
+def truncation_grid(steps: list[int], truncation: list[str]) -> list[tuple[int, int]]:
+    """(T, K) pairs: every T with every K ('all' = T), skipping K > T."""
+    pairs = []
+    for t in steps:
+        for k in truncation:
+            k = t if k == "all" else int(k)
+            if k <= t:
+                pairs.append((t, k))
+    return pairs
+
+
+def wait_for_quiet(device: str, max_load: float, max_wait: float) -> float:
+    """On CPU, wait (at most ``max_wait`` s) for the 1-min load average to fall below ``max_load``; return it."""
+    start = time.time()
+    while torch.device(device).type == "cpu" and load_average()[0] > max_load and time.time() - start < max_wait:
+        time.sleep(15)
+    return load_average()[0]
+
+
+def new_payload(benchmark: str, script: str, argv: list[str] | None, device: str, threads: int | None) -> dict[str, Any]:
+    """The header of a result file: what ran, how to rerun it, and on what."""
+    root = Path(script).resolve().parents[1]
+    args = argv if argv is not None else sys.argv[1:]
+    return {
+        "benchmark": benchmark,
+        "command": "python " + " ".join([os.path.relpath(Path(script).resolve(), root), *args]),
+        "machine": machine_info(device, threads),
+        "rows": [],
+    }
+
+
+ROW_KEY = ("variant", "gradient_checkpointing", "training", "num_steps", "truncation_steps", "batch_size",
+           "mixed_precision", "model", "device", "resolution")
+
+
+def resume_payload(path: str | Path, payload: dict[str, Any]) -> tuple[dict[str, Any], set[tuple]]:
+    """With ``--resume``: the rows already in ``path`` (kept) and the keys of those that ran without error.
+
+    A long benchmark interrupted part-way, or extended with more rows by a second command, goes on
+    where it stopped instead of starting again; every invocation's command and machine are kept.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return payload, set()
+    old = json.loads(path.read_text())
+    old.setdefault("runs", [{"command": old["command"], "machine": old["machine"]}])
+    old["runs"].append({"command": payload["command"], "machine": payload["machine"]})
+    old["rows"] = [r for r in old["rows"] if "error" not in r]
+    return old, {row_key(r) for r in old["rows"]}
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    return tuple(row.get(k) for k in ROW_KEY)
 
 
 def write_results(path: str | Path, payload: dict[str, Any]) -> Path:

@@ -1,0 +1,304 @@
+"""Render benchmark JSON files as the markdown tables of BENCHMARKS.md.
+
+``python bench/report.py --update BENCHMARKS.md`` rewrites every block between
+``<!-- BEGIN GENERATED name -->`` and ``<!-- END GENERATED name -->`` from
+``bench/results/name.json`` (blocks whose file is missing say so), so the published figures are
+always the measured ones.  ``python bench/report.py bench/results/x.json`` prints one file's tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+#: targets of the reward-backprop benchmark
+MEMORY_RATIO_TARGET = 1.3  # checkpointed peak at K = T = 50 over K = 1
+TIME_RATIO_TARGET = 1.25  # checkpointed step over the lower bound
+PLAN_ERROR_TARGET = 0.20
+STEERING_TARGET = 1.05
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _machine(payload: dict[str, Any]) -> str:
+    m = payload["machine"]
+    loads = [r.get("load_before") for r in payload.get("rows", []) if r.get("load_before") is not None]
+    code = f" at commit {m['code']}" if m.get("code") else ""
+    gpu = f"; GPU {m['gpu']} ({m['gpu_memory_gb']} GB, CUDA {m['cuda']})" if "gpu" in m else ""
+    load = (f"; 1-min load average before the rows: median {statistics.median(loads):.2f}, range "
+            f"{min(loads):.2f}-{max(loads):.2f}" if loads else "")
+    return (f"Machine: {m['cpu']}, {m['cpu_cores']} cores, {m['memory_gb']} GB RAM{gpu}; torch {m['torch']}, "
+            f"diffusers {m['diffusers']}, transformers {m['transformers']}, {m['torch_threads']} torch thread(s); "
+            f"run {m['date']}{code}{load}.\n\n" + _commands(payload))
+
+
+def _commands(payload: dict[str, Any]) -> str:
+    runs = payload.get("runs")
+    if not runs:
+        return f"Command: `{payload['command']}`"
+    lines = [f"* `{r['command']}` ({r['machine']['date']}" + (f", commit {r['machine']['code']}" if r["machine"].get("code") else "")
+             + ")" for r in runs]
+    return "Commands (one file, extended with `--resume`):\n\n" + "\n".join(lines)
+
+
+def _key(row: dict[str, Any]) -> tuple:
+    return (row["training"], row["num_steps"], row["truncation_steps"])
+
+
+def _rb_index(payload: dict[str, Any]) -> dict[tuple, dict[str, dict[str, Any]]]:
+    index: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for row in payload["rows"]:
+        name = row["variant"]
+        if name == "ours":
+            name = "ckpt" if row["gradient_checkpointing"] else "plain"
+        index.setdefault(_key(row), {})[name] = row
+    return index
+
+
+def _trl_index(trl: dict[str, Any] | None) -> dict[tuple, dict[str, Any]]:
+    if not trl:
+        return {}
+    return {_key(r): r for r in trl.get("rows", [])}
+
+
+def _peak(row: dict[str, Any] | None) -> float | None:
+    return None if row is None or "error" in row else row.get("peak_mb")
+
+
+def _peak_cell(row: dict[str, Any] | None) -> str:
+    if row is not None and "skipped" in row:
+        return f"skipped (plan: {row['predicted_total_mb'] / 1024:,.0f} GB)"
+    if row is not None and "error" in row:
+        return "failed"
+    return _mb(_peak(row))
+
+
+def _time(row: dict[str, Any] | None) -> float | None:
+    return None if row is None or "error" in row else row.get("step_time_s")
+
+
+def _err(row: dict[str, Any] | None) -> str:
+    if row is None or "error" in row or not row.get("peak_mb"):
+        return "-"
+    return f"{(row['predicted_peak_mb'] - row['peak_mb']) / row['peak_mb']:+.0%}"
+
+
+def reward_backprop_tables(payload: dict[str, Any], trl: dict[str, Any] | None = None) -> str:
+    index, trl_rows = _rb_index(payload), _trl_index(trl)
+    out = [_machine(payload), ""]
+    for training in ("lora", "full"):
+        keys = sorted(k for k in index if k[0] == training)
+        if not keys:
+            continue
+        title = "LoRA (rank 4)" if training == "lora" else "full fine-tuning"
+        rows = []
+        for key in keys:
+            r = index[key]
+            t = trl_rows.get(key)
+            rows.append([
+                str(key[1]), str(key[2]),
+                _peak_cell(r.get("ckpt")), f"{_mb(r['ckpt']['predicted_peak_mb'])} ({_err(r.get('ckpt'))})" if "ckpt" in r else "-",
+                _peak_cell(r.get("plain")), f"{_mb(r['plain']['predicted_peak_mb'])} ({_err(r.get('plain'))})" if "plain" in r else "-",
+                _peak_cell(r.get("naive")), _peak_cell(t) if t else "-",
+            ])
+        out += [f"**Peak memory per optimiser step, MB above the resident weights and optimizer state, {title}**", "",
+                _table(["T", "K", "ours, checkpointed", "planner (error)", "ours, no checkpointing", "planner (error)",
+                        "naive", "TRL AlignProp"], rows), ""]
+        rows = []
+        for key in keys:
+            r = index[key]
+            ckpt = r.get("ckpt")
+            lower = (ckpt or {}).get("lower_bound") or {}
+            ratio = (_time(ckpt) / lower["step_time_s"]) if _time(ckpt) and lower.get("step_time_s") else None
+            rows.append([
+                str(key[1]), str(key[2]), _s(_time(ckpt)), _s(lower.get("step_time_s")),
+                "-" if ratio is None else f"{ratio:.2f}x {'pass' if ratio <= TIME_RATIO_TARGET else 'FAIL'}",
+                _s(_time(r.get("plain"))), _s(_time(r.get("naive"))), _s(_time(trl_rows.get(key))),
+            ])
+        out += [f"**Time per optimiser step, seconds (median), {title}**", "",
+                _table(["T", "K", "ours, checkpointed", "lower bound", f"ratio (target <= {TIME_RATIO_TARGET}x)",
+                        "ours, no checkpointing", "naive", "TRL AlignProp"], rows), ""]
+    return "\n".join(out)
+
+
+def targets_table(payload: dict[str, Any], trl: dict[str, Any] | None = None) -> str:
+    index, trl_rows = _rb_index(payload), _trl_index(trl)
+    rows = []
+    for training in ("lora", "full"):
+        k1, k50 = index.get((training, 50, 1), {}).get("ckpt"), index.get((training, 50, 50), {}).get("ckpt")
+        if _peak(k1) and _peak(k50):
+            ratio = _peak(k50) / _peak(k1)
+            rows.append([f"peak memory K=T=50 / K=1, checkpointed, {training}", f"<= {MEMORY_RATIO_TARGET}x",
+                         f"{ratio:.2f}x ({_mb(_peak(k50))} / {_mb(_peak(k1))} MB)", "pass" if ratio <= MEMORY_RATIO_TARGET else "FAIL"])
+        ratios = []
+        for key, r in index.items():
+            lower = (r.get("ckpt") or {}).get("lower_bound") or {}
+            if key[0] == training and _time(r.get("ckpt")) and lower.get("step_time_s"):
+                ratios.append(_time(r["ckpt"]) / lower["step_time_s"])
+        if ratios:
+            worst = max(ratios)
+            rows.append([f"step time / lower bound, checkpointed, {training} (worst of {len(ratios)} rows)",
+                         f"<= {TIME_RATIO_TARGET}x", f"{worst:.2f}x (median {statistics.median(ratios):.2f}x)",
+                         "pass" if worst <= TIME_RATIO_TARGET else "FAIL"])
+        mem_vs, time_vs = [], []
+        for key, t in trl_rows.items():
+            ours = index.get(key, {}).get("ckpt")
+            if key[0] == training and _peak(t) and _peak(ours):
+                mem_vs.append(_peak(ours) / _peak(t))
+            if key[0] == training and _time(t) and _time(ours):
+                time_vs.append(_time(ours) / _time(t))
+        if mem_vs:
+            rows.append([f"peak memory ours / TRL AlignProp, {training} (worst of {len(mem_vs)} rows)", "<= 1.0x",
+                         f"{max(mem_vs):.2f}x (median {statistics.median(mem_vs):.2f}x)", "pass" if max(mem_vs) <= 1.0 else "FAIL"])
+        if time_vs:
+            rows.append([f"step time ours / TRL AlignProp, {training} (worst of {len(time_vs)} rows)", "<= 1.0x",
+                         f"{max(time_vs):.2f}x (median {statistics.median(time_vs):.2f}x)", "pass" if max(time_vs) <= 1.0 else "FAIL"])
+    errors = [abs(r["predicted_peak_mb"] - r["peak_mb"]) / r["peak_mb"] for r in payload["rows"] if _peak(r)]
+    if errors:
+        worst = max(errors)
+        rows.append([f"planner error on the measured step peaks ({len(errors)} rows)", f"<= {PLAN_ERROR_TARGET:.0%}",
+                     f"worst {worst:.1%}, median {statistics.median(errors):.1%}", "pass" if worst <= PLAN_ERROR_TARGET else "FAIL"])
+    if "gpu" in payload["machine"]:  # on CUDA the resident memory is weights + state only: totals compare too
+        totals = [abs(r["predicted_total_mb"] - r["resident_mb"] - r["peak_mb"]) / (r["resident_mb"] + r["peak_mb"])
+                  for r in payload["rows"] if _peak(r)]
+        if totals:
+            worst = max(totals)
+            rows.append([f"planner error on the total peak ({len(totals)} rows)", f"<= {PLAN_ERROR_TARGET:.0%}",
+                         f"worst {worst:.1%}, median {statistics.median(totals):.1%}", "pass" if worst <= PLAN_ERROR_TARGET else "FAIL"])
+    return _table(["target", "goal", "measured", "result"], rows)
+
+
+def trl_status(trl: dict[str, Any] | None) -> str:
+    if trl is None:
+        return "TRL AlignProp: no result file."
+    status = trl.get("status", "unknown")
+    ok = [r for r in trl.get("rows", []) if "error" not in r]
+    failed = [r for r in trl.get("rows", []) if "error" in r]
+    versions = sorted({r.get("trl_version") for r in ok if r.get("trl_version")})
+    text = f"TRL AlignProp: {status}; {len(ok)} rows ran" + (f" (trl {', '.join(versions)})" if versions else "")
+    moved = [r["weight_change_l1"] for r in ok if r.get("weight_change_l1") is not None]
+    if moved:
+        text += (f"; its trainable weights moved in {sum(m > 0 for m in moved)} of {len(moved)} rows "
+                 f"(smallest L1 change {min(moved):.3g})")
+    if failed:
+        text += f"; {len(failed)} rows failed: {failed[0]['error']} {' | '.join(failed[0].get('log', []))}"
+    return text + "."
+
+
+def steering_tables(payload: dict[str, Any]) -> str:
+    out = [_machine(payload), ""]
+    fk = [r for r in payload["rows"] if r["kind"] == "fk" and "error" not in r]
+    if fk:
+        rows = [[str(r["particles"]), str(r["num_steps"]), str(r["fk_config"]["resample_steps"]), _s(r["fk_net_s"]),
+                 _s(r["plain_net_s"]), f"{r['ratio']:.3f}x {'pass' if r['ratio'] <= STEERING_TARGET else 'FAIL'}"] for r in fk]
+        out += ["**FK steering over plain batched sampling of the same particles, equal steps, decode + reward time excluded**",
+                "", _table(["particles", "steps", "potential steps", "FK, s", "plain, s", f"ratio (target <= {STEERING_TARGET}x)"], rows), ""]
+    rlg = [r for r in payload["rows"] if r["kind"] == "rlg" and "error" not in r]
+    if rlg:
+        rows = [[str(r["samples"]), f"{r['median_s']['one_forward'] * 1e3:.0f}", f"{r['median_s']['rlg_batched'] * 1e3:.0f}",
+                 f"{r['ratio']:.3f}x {'pass' if r['ratio'] <= STEERING_TARGET else 'FAIL'}",
+                 f"{r['median_s']['rlg_two_forwards'] * 1e3:.0f} ({r['ratio_two_forwards']:.3f}x)"] for r in rlg]
+        out += ["**RL guidance, one step (base and aligned model, each with CFG) vs one batched forward of the same rows**", "",
+                _table(["samples", "one batched forward, ms", "RLG step (one forward, row-masked LoRA), ms",
+                        f"ratio (target <= {STEERING_TARGET}x)", "two-forward fallback, ms (ratio)"], rows), ""]
+    mem = [r for r in payload["rows"] if r["kind"] == "memory" and "error" not in r]
+    if mem:
+        particles = sorted({r["particles"] for r in mem})
+        by = {(r["chunk"], r["particles"]): r["peak_mb"] for r in mem}
+        rows = [[f"chunks of {c}" if c else "not chunked"] + [_mb(by.get((c, k))) for k in particles]
+                for c in sorted({r["chunk"] for r in mem}, key=lambda c: c or 0)]
+        out += ["**Peak memory of a whole FK run (MB above the loaded model) as particles grow**", "",
+                _table(["decode, reward and denoiser calls"] + [f"{k} particles" for k in particles], rows), ""]
+    failed = [r for r in payload["rows"] if "error" in r]
+    if failed:
+        out.append(f"{len(failed)} rows failed: " + "; ".join(f"{r['kind']}: {r['error']}" for r in failed))
+    return "\n".join(out)
+
+
+def plan_presets_table(payload: dict[str, Any]) -> str:
+    rows = []
+    for r in payload["rows"]:
+        fits = ""
+        if "max_batch_24gb" in r:
+            fits = " / ".join(
+                f"batch {r[f'max_batch_{b}gb'] or 'none'}, K {r[f'max_k_{b}gb'] or 'none'}" for b in (24, 80)
+            )
+        rows.append([
+            f"{r['model']} {r['resolution']} px", {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[r["mixed_precision"]],
+            "LoRA" if r["training"] == "lora" else "full", "on" if r["gradient_checkpointing"] else "off",
+            str(r["truncation_steps"]), f"{r['predicted_peak_mb'] / 1024:.2f}", r["predicted_phase"],
+            f"{r['predicted_total_mb'] / 1024:.1f}", fits,
+        ])
+    return (f"Command: `{payload['command']}`\n\n"
+            + _table(["model", "precision", "training", "checkpointing", "K (T=50)", "step peak, GB", "peak phase",
+                      "total, GB", "fits 24 GB / 80 GB at K=1 (largest batch, largest K)"], rows))
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def render(name: str) -> str:
+    """The markdown of one generated block."""
+    data = _load(name)
+    if data is None:
+        return f"*Pending: `bench/results/{name}.json` has not been produced yet (see the command above).*"
+    if data["benchmark"] == "reward_backprop":
+        trl = _load(name.replace("reward_backprop", "trl_alignprop"))
+        parts = [reward_backprop_tables(data, trl)] + ([trl_status(trl)] if trl else [])
+        return "\n\n".join(parts + ["**Targets**", targets_table(data, trl)])
+    if data["benchmark"] == "steering":
+        return steering_tables(data)
+    if data["benchmark"] == "trl_alignprop":
+        return trl_status(data)
+    if data["benchmark"] == "plan_presets":
+        return plan_presets_table(data)
+    raise ValueError(f"unknown benchmark {data['benchmark']!r}")
+
+
+BLOCK = re.compile(r"(<!-- BEGIN GENERATED (\S+) -->\n)(.*?)(<!-- END GENERATED \2 -->)", re.S)
+
+
+def update(path: Path) -> int:
+    text = path.read_text()
+    new = BLOCK.sub(lambda m: m.group(1) + render(m.group(2)) + "\n" + m.group(4), text)
+    path.write_text(new)
+    print(f"updated {len(BLOCK.findall(text))} generated blocks in {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="result names under bench/results (without .json) to print")
+    parser.add_argument("--update", type=Path, help="rewrite the generated blocks of this markdown file")
+    args = parser.parse_args(argv)
+    if args.update:
+        return update(args.update)
+    for name in args.names:
+        print(render(Path(name).stem))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
