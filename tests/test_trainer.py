@@ -184,8 +184,15 @@ def test_accumulation_trains_on_the_same_samples_as_a_larger_batch(tmp_path):
     one = _train(_config(tmp_path / "a", "draft", max_steps=3, batch_size=2, method_args={"num_steps": 4, "truncation_steps": 2}))
     two = _train(_config(tmp_path / "b", "draft", max_steps=3, batch_size=1, gradient_accumulation_steps=2,
                          method_args={"num_steps": 4, "truncation_steps": 2}))
-    for a, b in zip(one.params, two.params):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    start = Trainer(_config(tmp_path / "c", "draft", batch_size=2, method_args={"num_steps": 4, "truncation_steps": 2}),
+                    model=DiffusionModel(tiny_pipeline("sd")), progress=False)
+    start.setup()
+    moved = max(float((a - p).detach().abs().max()) for a, p in zip(one.params, start.params))
+    apart = max(float((a - b).detach().abs().max()) for a, b in zip(one.params, two.params))
+    assert moved > 1e-3
+    # Equal up to float32 summation order (one batch of 2 vs two of 1), which Adam amplifies on
+    # weights whose gradient is near zero: about 1e-4 of the update; a wrong accumulation is O(1).
+    assert apart <= 2e-3 * moved, (apart, moved)
 
 
 def test_text_encoder_lora_is_trained(tmp_path):
