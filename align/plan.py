@@ -21,7 +21,8 @@ Attention is traced as the fused kernels PyTorch uses on CUDA and CPU (flash / m
 which keep the output and the log-sum-exp rather than the attention matrix.  Not modelled:
 allocator fragmentation and cuDNN workspaces (GPU), the float32 ops of CUDA autocast under mixed
 precision (the trace runs wholly in the weight dtype, which matches CPU bf16 autocast within a few
-percent), and the reward model (pass its memory as ``extra_memory_gb``).
+percent), the reward model (pass its memory as ``extra_memory_gb``), and gradient accumulation
+(micro-steps after the first hold every gradient through their backward: add the gradients' size).
 """
 
 from __future__ import annotations
@@ -549,7 +550,8 @@ def _conditioning(model, spec: ModelSpec, batch: int, height: int, width: int, m
 
 @dataclass(frozen=True)
 class _Profiles:
-    denoiser: Affine  # one (CFG-batched) denoiser call, per image
+    denoiser: Affine  # one (CFG-batched) denoiser call, per image, gradients already allocated
+    first_backward: Affine  # the same call when its backward allocates the gradients (the first in reverse order)
     decode: Affine  # VAE decode, per image
     chain: float  # bytes the sampling chain keeps per grad step and image outside the checkpointed call
     chain_fixed: float
@@ -583,10 +585,8 @@ def _chain_bytes(model, spec: ModelSpec, config: PlanConfig, height: int, width:
 def _profiles(model, spec: ModelSpec, config: PlanConfig, height: int, width: int) -> _Profiles:
     from .sampling import guided_prediction
 
-    for p in model.module.parameters():
-        if p.requires_grad:
-            p.grad = torch.zeros_like(p)
-    traces, decodes, chains = [], [], []
+    trainable = [p for p in model.module.parameters() if p.requires_grad]
+    traces, firsts, decodes, chains = [], [], [], []
     for batch in (1, 2):
         cond = _conditioning(model, spec, batch, height, width, config.max_sequence_length)
         uncond = cond if config.cfg else None
@@ -596,11 +596,18 @@ def _profiles(model, spec: ModelSpec, config: PlanConfig, height: int, width: in
         def call(x_in, cond=cond, uncond=uncond, t=t):
             return guided_prediction(model.denoiser, x_in, t, cond, uncond, 7.5)
 
+        # The step's first backward through a denoiser call creates the gradients as it goes, while
+        # activations are being freed: its peak is below "all gradients + the call's backward".
+        for p in trainable:
+            p.grad = None
+        firsts.append(trace_call(call, x))
+        for p in trainable:
+            p.grad = torch.zeros_like(p)
         traces.append(trace_call(call, x))
         decodes.append(trace_call(partial(model.decode, gradient_checkpointing=config.gradient_checkpointing), x))
         chains.append(_chain_bytes(model, spec, config, height, width, batch))
     per = chains[1] - chains[0]
-    return _Profiles(Affine.from_traces(*traces), Affine.from_traces(*decodes), per, chains[0] - per)
+    return _Profiles(Affine.from_traces(*traces), Affine.from_traces(*firsts), Affine.from_traces(*decodes), per, chains[0] - per)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,13 +719,16 @@ def _phases(p: _Profiles, batch: int, k: int, copies: int, grad_free: int, ckpt:
     phases["decode forward"] = kept + decode.grad_forward
     phases["reward"] = kept + decode.kept + decode.output
     phases["decode backward"] = kept + decode.backward
+    # in reverse order; the first call's backward allocates the gradients (its trace counts them)
     backward = []
     if call_copies is not None:
         kept -= keep(call_copies, batch * copies)
-        backward.append(kept + call_copies.backward)
+        backward.append(kept + p.first_backward.at(batch * copies).backward)
     kept -= keep(call, batch)
-    backward.append(kept + call.backward)
-    phases["denoiser backward"] = grads + max(backward)
+    backward.append(kept + (call.backward + grads if backward else p.first_backward.at(batch).backward))
+    if k > 1:  # the next call back, with every gradient present
+        backward.append(kept - keep(call, batch) + grads + call.backward)
+    phases["denoiser backward"] = max(backward)
     phases["optimizer step"] = grads + opt
     return phases
 

@@ -141,7 +141,7 @@ def reward_backprop_tables(payload: dict[str, Any], trl: dict[str, Any] | None =
     return "\n".join(out)
 
 
-def targets_table(payload: dict[str, Any], trl: dict[str, Any] | None = None) -> str:
+def targets_table(payload: dict[str, Any], trl: dict[str, Any] | None = None, tensors: dict[str, Any] | None = None) -> str:
     index, trl_rows = _rb_index(payload), _trl_index(trl)
     rows = []
     for training in ("lora", "full"):
@@ -168,8 +168,13 @@ def targets_table(payload: dict[str, Any], trl: dict[str, Any] | None = None) ->
             if key[0] == training and _time(t) and _time(ours):
                 time_vs.append(_time(ours) / _time(t))
         if mem_vs:
-            rows.append([f"peak memory ours / TRL AlignProp, {training} (worst of {len(mem_vs)} rows)", "<= 1.0x",
+            rows.append([f"peak memory ours / TRL AlignProp, {training}, resident set (worst of {len(mem_vs)} rows)", "<= 1.0x",
                          f"{max(mem_vs):.2f}x (median {statistics.median(mem_vs):.2f}x)", "pass" if max(mem_vs) <= 1.0 else "FAIL"])
+        tensor_vs = _tensor_ratios(tensors, training)
+        if tensor_vs:
+            rows.append([f"peak memory ours / TRL AlignProp, {training}, live tensor bytes (worst of {len(tensor_vs)} rows)",
+                         "<= 1.0x", f"{max(tensor_vs):.3f}x (median {statistics.median(tensor_vs):.3f}x)",
+                         "pass" if max(tensor_vs) <= 1.0 else "FAIL"])
         if time_vs:
             rows.append([f"step time ours / TRL AlignProp, {training} (worst of {len(time_vs)} rows)", "<= 1.0x",
                          f"{max(time_vs):.2f}x (median {statistics.median(time_vs):.2f}x)", "pass" if max(time_vs) <= 1.0 else "FAIL"])
@@ -186,6 +191,14 @@ def targets_table(payload: dict[str, Any], trl: dict[str, Any] | None = None) ->
             rows.append([f"planner error on the total peak ({len(totals)} rows)", f"<= {PLAN_ERROR_TARGET:.0%}",
                          f"worst {worst:.1%}, median {statistics.median(totals):.1%}", "pass" if worst <= PLAN_ERROR_TARGET else "FAIL"])
     return _table(["target", "goal", "measured", "result"], rows)
+
+
+def _tensor_ratios(tensors: dict[str, Any] | None, training: str) -> list[float]:
+    by: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in (tensors or {}).get("rows", []):
+        by.setdefault(_key(r), {})[r["variant"]] = r
+    return [_peak(v["ours"]) / _peak(v["trl_alignprop"]) for k, v in by.items()
+            if k[0] == training and _peak(v.get("ours")) and _peak(v.get("trl_alignprop"))]
 
 
 def trl_status(trl: dict[str, Any] | None) -> str:
@@ -235,6 +248,26 @@ def steering_tables(payload: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def tensor_peaks_table(payload: dict[str, Any]) -> str:
+    """Ours vs TRL in live tensor bytes, row by row, with the worst ratio."""
+    by: dict[tuple, dict[str, dict[str, Any]]] = {}
+    for r in payload["rows"]:
+        by.setdefault(_key(r), {})[r["variant"]] = r
+    rows, ratios = [], []
+    for key in sorted(by):
+        ours, trl = by[key].get("ours"), by[key].get("trl_alignprop")
+        ratio = _peak(ours) / _peak(trl) if _peak(ours) and _peak(trl) else None
+        if ratio is not None:
+            ratios.append(ratio)
+        rows.append(["LoRA (rank 4)" if key[0] == "lora" else "full", str(key[1]), str(key[2]), _peak_cell(ours), _peak_cell(trl),
+                     "-" if ratio is None else f"{ratio:.3f}x {'pass' if ratio <= 1.0 else 'FAIL'}"])
+    out = [_machine(payload), "", _table(["training", "T", "K", "ours, checkpointed, MB", "TRL AlignProp, MB",
+                                          "ours / TRL (target <= 1.0x)"], rows)]
+    if ratios:
+        out += ["", f"Worst ratio {max(ratios):.3f}x over {len(ratios)} rows ({'pass' if max(ratios) <= 1.0 else 'FAIL'})."]
+    return "\n".join(out)
+
+
 def plan_presets_table(payload: dict[str, Any]) -> str:
     rows = []
     for r in payload["rows"]:
@@ -266,12 +299,15 @@ def render(name: str) -> str:
         return f"*Pending: `bench/results/{name}.json` has not been produced yet (see the command above).*"
     if data["benchmark"] == "reward_backprop":
         trl = _load(name.replace("reward_backprop", "trl_alignprop"))
+        tensors = _load(name.replace("reward_backprop", "tensor_peaks"))
         parts = [reward_backprop_tables(data, trl)] + ([trl_status(trl)] if trl else [])
-        return "\n\n".join(parts + ["**Targets**", targets_table(data, trl)])
+        return "\n\n".join(parts + ["**Targets**", targets_table(data, trl, tensors)])
     if data["benchmark"] == "steering":
         return steering_tables(data)
     if data["benchmark"] == "trl_alignprop":
         return trl_status(data)
+    if data["benchmark"] == "tensor_peaks":
+        return tensor_peaks_table(data)
     if data["benchmark"] == "plan_presets":
         return plan_presets_table(data)
     raise ValueError(f"unknown benchmark {data['benchmark']!r}")
