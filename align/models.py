@@ -397,14 +397,19 @@ def checkpointed_blocks(module: torch.nn.Module, block_types: Sequence[str] = CH
     blocks = [m for m in module.modules() if type(m).__name__ in block_types]
     if not blocks:
         blocks = [module]
+    # a block may already carry its own ``forward`` (accelerate's offload hooks set one): wrap it and put it back
+    previous = [vars(block).get("forward") for block in blocks]
     for block in blocks:
         # the decoder has no randomness (no dropout in use): the RNG state need not be replayed
         block.forward = partial(checkpoint, block.forward, use_reentrant=False, preserve_rng_state=False)
     try:
         yield len(blocks)
     finally:
-        for block in blocks:
-            del block.forward
+        for block, forward in zip(blocks, previous):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 def enable_memory_efficient_attention(pipe) -> bool:

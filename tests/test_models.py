@@ -112,3 +112,23 @@ def test_block_checkpointed_decode_has_exact_gradients_and_a_lower_backward_peak
     assert blocks.backward < plain.backward
     # nothing stays patched after the decode
     assert not any("forward" in vars(m) for m in model.pipe.vae.modules())
+
+
+def test_block_checkpointing_keeps_a_forward_hook_a_block_already_had():
+    # accelerate's offload hooks replace a module's forward on the instance; it must survive the decode
+    model = DiffusionModel(tiny_pipeline("sd", seed=0))
+    model.pipe.vae.requires_grad_(False)
+    block = model.pipe.vae.decoder.up_blocks[0].resnets[0]
+    calls = []
+    original = block.forward
+
+    def hooked(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    block.forward = hooked
+    z = torch.randn(model.latent_shape(1, 32, 32), generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    model.decode(z, gradient_checkpointing=True).sum().backward()
+    assert vars(block)["forward"] is hooked
+    assert len(calls) == 2  # the forward, then its recomputation in the backward
+    assert z.grad is not None and torch.isfinite(z.grad).all()
