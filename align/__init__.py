@@ -1,9 +1,9 @@
 """diffusion-align: align diffusers models with reward functions.
 
 Train time: reward backpropagation (DRaFT, DRaFT-LV, AlignProp, ReFL) into LoRA weights
-(:mod:`align.trainer`, :mod:`align.backprop`, :mod:`align.truncation`, :mod:`align.methods`).
-Inference time: Feynman-Kac steering, best-of-N, gradient guidance (:mod:`align.fk`,
-:mod:`align.guidance`) and RL guidance (:mod:`align.rlg`).  Rewards live in the ``rewards``
+(:mod:`align.train.trainer`, :mod:`align.train.backprop`, :mod:`align.train.truncation`, :mod:`align.train.methods`).
+Inference time: Feynman-Kac steering, best-of-N, gradient guidance (:mod:`align.steer.fk`,
+:mod:`align.steer.guidance`) and RL guidance (:mod:`align.steer.rlg`).  Rewards live in the ``rewards``
 package, diffusers pipelines in ``pipelines``; the command line is ``align``.
 """
 

@@ -2,7 +2,7 @@
 
 Each subcommand lives in ``align/commands/<name>.py`` and provides ``add_parser(subparsers)``
 (which sets ``func`` on its parser) without importing heavy libraries at module level, so that
-``align --help`` is quick.  A user error (:class:`align.errors.AlignError`) prints one line and
+``align --help`` is quick.  A user error (:class:`align.core.errors.AlignError`) prints one line and
 exits with status 2, without a traceback.
 """
 
@@ -44,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .commands.common import quiet_libraries
+    from align.commands.common import quiet_libraries
 
     # the libraries' own loading bars and info logs drown the toolkit's progress bars
     quiet_libraries()
-    from .errors import AlignError
+    from align.core.errors import AlignError
 
     try:
         return int(args.func(args) or 0)

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .config import to_dict
-from .errors import ConfigError, check_range
+from align.core.config import to_dict
+from align.core.errors import ConfigError, check_range
 
 
 @dataclass
@@ -112,19 +112,18 @@ class DemoConfig:
 
 def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[str, Any]:
     """Run the three parts and write the report; returns the summary (also in summary.json)."""
+    from align.core.images import make_grid, save_gif, save_png
+    from align.core.lora import adapters_disabled
+    from align.core.models import DiffusionModel
+    from align.core.prompts import load_prompts
+    from align.evaluate import resolve_device
+    from align.report import Figure, Section, moving_average, plot_lines, write_html
+    from align.steer.fk_config import FKConfig
+    from align.steer.generate import generate
+    from align.steer.guidance_config import BestOfNConfig
+    from align.train.trainer import TrainConfig, Trainer
     from pipelines import FKSteeringPipeline, RLGuidancePipeline
     from rewards import build_reward
-
-    from .evaluate import resolve_device
-    from .fk_config import FKConfig
-    from .generate import generate
-    from .guidance_config import BestOfNConfig
-    from .images import make_grid, save_gif, save_png
-    from .lora import adapters_disabled
-    from .models import DiffusionModel
-    from .prompts import load_prompts
-    from .report import Figure, Section, moving_average, plot_lines, write_html
-    from .trainer import TrainConfig, Trainer
 
     started = time.perf_counter()
     out = Path(config.output_dir)
@@ -387,8 +386,8 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
 def _prompt_fidelity(prompts: list[str], before: torch.Tensor, after: torch.Tensor) -> tuple[float, float] | None:
     """Fraction of images the shapes classifier reads as their prompt, before and after; None
     when the prompts are not shapes prompts (another model)."""
-    from . import shapes
-    from .errors import AlignError
+    from align.builtin import shapes_world as shapes
+    from align.core.errors import AlignError
 
     try:
         scenes = [shapes.parse_prompt(p) for p in prompts]

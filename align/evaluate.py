@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import AlignError, ConfigError, check_device, check_range
+from align.core.errors import AlignError, ConfigError, check_device, check_range
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -108,8 +108,8 @@ def resolve_device(device: str) -> torch.device:
 
 def load_model(config: SampleConfig):
     """The configured model on its device, with the LoRA loaded when given."""
-    from .lora import load_lora
-    from .models import DiffusionModel
+    from align.core.lora import load_lora
+    from align.core.models import DiffusionModel
 
     model = DiffusionModel.from_pretrained(config.model, device=resolve_device(config.device), offline=config.offline)
     if config.lora:
@@ -119,9 +119,9 @@ def load_model(config: SampleConfig):
 
 def sample_to_folder(config: SampleConfig, model=None, progress: bool = True) -> tuple[Path, list[dict[str, Any]], Tensor]:
     """Sample every prompt ``images_per_prompt`` times; write PNGs, metadata.jsonl and grid.png."""
-    from .generate import generate
-    from .images import make_grid, save_png, to_uint8
-    from .prompts import load_prompts
+    from align.core.images import make_grid, save_png, to_uint8
+    from align.core.prompts import load_prompts
+    from align.steer.generate import generate
 
     model = model if model is not None else load_model(config)
     prompts = load_prompts(config.prompts)
@@ -232,7 +232,7 @@ def write_table(out_dir: Path, files: list[str], prompts: list[str], scores: dic
 
 def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Score a folder of images, or a model's samples, with several rewards."""
-    from .images import make_grid, save_png
+    from align.core.images import make_grid, save_png
 
     out = Path(config.output_dir)
     if config.images is not None:

@@ -8,7 +8,7 @@ random weights cost what trained ones cost.
   a VAE of SD's layout at half width and three levels (32x32 latents -> 128x128 images) and a
   two-layer CLIP text encoder (77 tokens, width 128).
 * ``sd15`` / ``sdxl``: the SD 1.5 / SDXL UNet, VAE and text encoders at full size from the
-  planner's presets (align/presets), for GPU rows.  The tokenizer is a small word-level CLIP
+  planner's presets (align/train/presets), for GPU rows.  The tokenizer is a small word-level CLIP
   tokenizer (the real vocabulary file cannot be downloaded here); it pads to 77 tokens, so the
   text encoders and the UNet see the shapes they see with the real tokenizer.
 """
@@ -37,7 +37,7 @@ def _cpu_sd(seed: int):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from align.testing import word_tokenizer
+    from align.builtin.testing import word_tokenizer
 
     tokenizer = word_tokenizer(max_length=77)
     torch.manual_seed(seed)
@@ -74,8 +74,8 @@ def _cpu_sd(seed: int):
 def _from_preset(name: str, seed: int, device: str):
     import diffusers
 
-    from align.plan import PRESET_DIR
-    from align.testing import word_tokenizer
+    from align.builtin.testing import word_tokenizer
+    from align.train.plan import PRESET_DIR
 
     preset = json.loads((PRESET_DIR / f"{name}.json").read_text())
     index = preset["model_index"]

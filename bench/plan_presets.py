@@ -26,7 +26,7 @@ MIB = 2**20
 
 
 def main(argv: list[str] | None = None) -> int:
-    from align.plan import MemoryPlanner, PlanConfig
+    from align.train.plan import MemoryPlanner, PlanConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["sd15", "sdxl"])

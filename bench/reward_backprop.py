@@ -1,6 +1,6 @@
 """Reward backpropagation: peak memory and time per optimiser step, side by side.
 
-One optimiser step as the trainer takes it (prompt encoding, :func:`align.backprop.sample_with_grad`
+One optimiser step as the trainer takes it (prompt encoding, :func:`align.train.backprop.sample_with_grad`
 with DDIM, checkpointed decode, a differentiable reward, backward, gradient clipping, AdamW) for
 each truncation K and chain length T, with and without gradient checkpointing, LoRA and full
 fine-tuning, next to:
@@ -15,7 +15,7 @@ fine-tuning, next to:
 
 Each configuration runs in a fresh worker process (see bench/common.py for how memory is
 measured on CPU and CUDA).  Every row also carries the memory planner's prediction
-(:mod:`align.plan`) for the same settings.
+(:mod:`align.train.plan`) for the same settings.
 
 Examples::
 
@@ -65,8 +65,8 @@ VARIANTS = ("ours", "naive", "lower_bound")
 # worker side
 # ---------------------------------------------------------------------------------------------
 def _trainer(job: dict[str, Any], model, workdir: str, checkpointing: bool):
-    from align.config import from_dict
-    from align.trainer import TrainConfig, Trainer
+    from align.core.config import from_dict
+    from align.train.trainer import TrainConfig, Trainer
 
     cfg = from_dict(
         TrainConfig,
@@ -113,7 +113,7 @@ def _naive_step(trainer):
     """A plain diffusers DRaFT-K loop: no checkpointing, diffusers' own DDIM step."""
     from diffusers import DDIMScheduler
 
-    from align.denoisers import cat_conditioning
+    from align.core.denoisers import cat_conditioning
 
     model = trainer.model
     vae = model.pipe.vae
@@ -143,7 +143,7 @@ def _naive_step(trainer):
 
 def _lower_bound_step(trainer):
     """T grad-free calls + K forward+backward calls + decode forward+backward + reward + optimiser step."""
-    from align.denoisers import cat_conditioning
+    from align.core.denoisers import cat_conditioning
 
     model = trainer.model
     vae = model.pipe.vae
@@ -175,7 +175,7 @@ def _lower_bound_step(trainer):
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    from align.models import DiffusionModel
+    from align.core.models import DiffusionModel
     from bench.models import bench_pipeline
 
     torch.manual_seed(0)
@@ -257,7 +257,7 @@ class _Predictor:
     """Planner predictions for the bench rows, one traced planner per (training, checkpointing)."""
 
     def __init__(self, args):
-        from align.plan import ModelSpec
+        from align.train.plan import ModelSpec
         from bench.models import bench_pipeline
 
         self.args = args
@@ -265,7 +265,7 @@ class _Predictor:
         self.planners: dict[tuple[str, bool], Any] = {}
 
     def __call__(self, job: dict[str, Any]) -> dict[str, float]:
-        from align.plan import MemoryPlanner, PlanConfig
+        from align.train.plan import MemoryPlanner, PlanConfig
 
         ckpt = job["variant"] == "ours" and job["gradient_checkpointing"]
         key = (job["training"], ckpt)

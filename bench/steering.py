@@ -2,12 +2,12 @@
 
 Three measurements on the benchmark model (bench/models.py), each in a fresh worker process:
 
-* ``fk``: wall time of :func:`align.fk.fk_sample` over plain batched sampling of the same
-  particles (:func:`align.guidance.best_of_n`, which is FK with lambda = 0 minus the potentials)
+* ``fk``: wall time of :func:`align.steer.fk.fk_sample` over plain batched sampling of the same
+  particles (:func:`align.steer.guidance.best_of_n`, which is FK with lambda = 0 minus the potentials)
   at equal steps, with the reward cost excluded: the decoder and the reward are wrapped in timers
   and their time is subtracted from both runs.  The two alternate, so that both see the same
   machine load.  Target: at most 1.05x.
-* ``rlg``: one RL-guidance step (:func:`align.rlg.rlg_prediction` with a :class:`~align.rlg.LoRAPair`:
+* ``rlg``: one RL-guidance step (:func:`align.steer.rlg.rlg_prediction` with a :class:`~align.steer.rlg.LoRAPair`:
   base and aligned model = the LoRA adapter off / on, each with CFG, rows [u_b, c_b, u_a, c_a])
   against one batched forward of the same rows through the network.  Target: at most 1.05x.
   The two-forward fallback (``batched=False``) is measured beside them.
@@ -65,7 +65,7 @@ class _Timed:
 
 
 def _model(job):
-    from align.models import DiffusionModel
+    from align.core.models import DiffusionModel
     from bench.models import bench_pipeline
 
     torch.manual_seed(0)
@@ -82,8 +82,8 @@ def _inputs(model, job, decode, reward):
 
 
 def _fk_job(job: dict[str, Any]) -> dict[str, Any]:
-    from align.fk import FKConfig, fk_sample
-    from align.guidance import BestOfNConfig, best_of_n
+    from align.steer.fk import FKConfig, fk_sample
+    from align.steer.guidance import BestOfNConfig, best_of_n
     from rewards import build_reward
 
     model = _model(job)
@@ -122,9 +122,9 @@ def _fk_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rlg_job(job: dict[str, Any]) -> dict[str, Any]:
-    from align.denoisers import cat_conditioning
-    from align.lora import LoRAConfig, add_lora
-    from align.rlg import LoRAPair, rlg_prediction
+    from align.core.denoisers import cat_conditioning
+    from align.core.lora import LoRAConfig, add_lora
+    from align.steer.rlg import LoRAPair, rlg_prediction
 
     model = _model(job)
     device = job["device"]
@@ -158,7 +158,7 @@ def _rlg_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _memory_job(job: dict[str, Any]) -> dict[str, Any]:
-    from align.fk import FKConfig, fk_sample
+    from align.steer.fk import FKConfig, fk_sample
     from rewards import build_reward
 
     model = _model(job)

@@ -3,7 +3,7 @@
 The CPU memory figures of bench/reward_backprop.py and bench/trl_alignprop.py are resident-set
 peaks: they include the C heap and Python objects, which differ between two code bases by a few
 MB whatever their tensors do.  This benchmark counts tensor storages only (the planner's
-:class:`align.plan.LiveBytes` dispatch mode, which sees every storage created and freed, backward
+:class:`align.train.plan.LiveBytes` dispatch mode, which sees every storage created and freed, backward
 included), so the two trainers' tensor memory compares exactly and independently of the load.
 Each row runs one warm-up step and one counted step in a fresh process: ours under this
 environment, TRL's under TRL's (see bench/trl_alignprop.py), on the same saved model.
@@ -41,7 +41,7 @@ from bench.trl_alignprop import DEFAULT_PYTHON  # noqa: E402
 
 def _counted_step(step, device, *, timed_steps: int = 0, warmup_steps: int = 1) -> dict[str, Any]:
     """Stand-in for bench.common.measure_step: warm up, then count one step's live tensor bytes."""
-    from align.plan import LiveBytes
+    from align.train.plan import LiveBytes
 
     for _ in range(warmup_steps):
         step()

@@ -6,9 +6,9 @@
 
 import sys
 
-from align.config import load_config
-from align.generate import generate
-from align.trainer import TrainConfig, Trainer
+from align.core.config import load_config
+from align.steer.generate import generate
+from align.train.trainer import TrainConfig, Trainer
 from rewards import build_reward
 
 defaults = [

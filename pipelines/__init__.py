@@ -2,7 +2,7 @@
 
 Load them the diffusers way: ``FKSteeringPipeline.from_pretrained(model)`` or, reusing the
 components of a pipeline already loaded, ``FKSteeringPipeline.from_pipe(pipe)``.  Both wrap the
-toolkit's core samplers (:mod:`align.fk`, :mod:`align.guidance`, :mod:`align.rlg`).
+toolkit's core samplers (:mod:`align.steer.fk`, :mod:`align.steer.guidance`, :mod:`align.steer.rlg`).
 """
 
 from .base import SteeringPipelineBase

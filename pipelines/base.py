@@ -5,7 +5,7 @@ of SD 1.x/2.x, SDXL, SD3 and FLUX pipelines alike (``unet`` or ``transformer``, 
 encoders), so that diffusers' own ``from_pretrained(folder or hub id)`` and ``from_pipe(pipe)``
 work unchanged.  At call time it recognises the family from its components, builds the family's
 diffusers pipeline around the same (shared, not copied) components for prompt encoding, and
-hands an :class:`align.models.DiffusionModel` to the core samplers.
+hands an :class:`align.core.models.DiffusionModel` to the core samplers.
 
 An SD ``safety_checker`` component is kept (so ``from_pipe`` round-trips) but not run: the
 outputs are the raw decoded images, as with ``output_type="pt"`` pipelines without one.
@@ -32,9 +32,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
-from align.errors import AlignError, check_choice
-from align.lora import adapters_disabled, text_encoders
-from align.models import DiffusionModel, PromptConditioning
+from align.core.errors import AlignError, check_choice
+from align.core.lora import adapters_disabled, text_encoders
+from align.core.models import DiffusionModel, PromptConditioning
 
 #: family -> diffusers pipeline class whose prompt encoding the family uses
 FAMILY_PIPELINES = {

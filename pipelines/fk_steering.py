@@ -6,7 +6,7 @@
 >>> out = pipe("a red circle", reward="brightness", num_particles=8, lambda_=10.0)
 >>> out.best_images[0], out.rewards, out.ancestry
 
-``__call__`` takes every :class:`align.fk_config.FKConfig` field as a keyword (or a whole
+``__call__`` takes every :class:`align.steer.fk_config.FKConfig` field as a keyword (or a whole
 ``config``); passing a :class:`BestOfNConfig` or :class:`GradientGuidanceConfig` as ``config``
 runs that baseline on the same inputs instead (best-of-N with N = num_samples is the
 matched-compute baseline of FK with the same number of particles).
@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from diffusers.utils import BaseOutput
 
-from align.errors import AlignError
-from align.fk import IntermediateFn, fk_sample
-from align.fk_config import FKConfig
-from align.guidance import best_of_n, gradient_guidance
-from align.guidance_config import BestOfNConfig, GradientGuidanceConfig
-from align.particles import EvalCounts, ResamplingEvent, SteeringResult
+from align.core.errors import AlignError
+from align.steer.fk import IntermediateFn, fk_sample
+from align.steer.fk_config import FKConfig
+from align.steer.guidance import best_of_n, gradient_guidance
+from align.steer.guidance_config import BestOfNConfig, GradientGuidanceConfig
+from align.steer.particles import EvalCounts, ResamplingEvent, SteeringResult
 
 from .base import SteeringPipelineBase, as_generator
 

@@ -6,7 +6,7 @@
 >>> out = pipe("a cat", weight=2.0)                      # 0: base, 1: aligned, >1: extrapolate
 
 ``from_pipe(pipe)`` on a pipeline that already has the LoRA loaded works too.  Every
-:class:`align.rlg_config.RLGConfig` field can be passed as a keyword.  With a LoRA on the text
+:class:`align.steer.rlg_config.RLGConfig` field can be passed as a keyword.  With a LoRA on the text
 encoder(s) as well, the base side encodes prompts with those adapters off.
 """
 
@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from diffusers.utils import BaseOutput
 
-from align.errors import AlignError
-from align.particles import EvalCounts, RewardEvaluator
-from align.rlg import LoRAPair, rlg_sample
-from align.rlg_config import RLGConfig
+from align.core.errors import AlignError
+from align.steer.particles import EvalCounts, RewardEvaluator
+from align.steer.rlg import LoRAPair, rlg_sample
+from align.steer.rlg_config import RLGConfig
 
 from .base import SteeringPipelineBase, as_generator, text_adapters_disabled
 from .fk_steering import apply_overrides, resolve_reward

@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from align.errors import AlignError, RewardError, check_choice, check_range
+from align.core.errors import AlignError, RewardError, check_choice, check_range
 
 OnInvalid = Literal["raise", "drop"]
 ON_INVALID = ("raise", "drop")

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from align.errors import AlignError, check_choice, check_range
+from align.core.errors import AlignError, check_choice, check_range
 
 from .base import Reward, RewardOutput, widen
 from .registry import build_reward, register_reward

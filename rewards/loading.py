@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from align.errors import AlignError
-from align.models import hub_offline
+from align.core.errors import AlignError
+from align.core.models import hub_offline
 
 _LOCAL_PREFIXES = (".", "/", "~")
 

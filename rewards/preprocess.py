@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from align.errors import AlignError, check_choice, check_range
+from align.core.errors import AlignError, check_choice, check_range
 
 #: OpenAI CLIP normalisation (CLIP, PickScore, HPSv2, the aesthetic predictor, ImageReward)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from importlib import metadata
 from typing import Any
 
-from align.errors import AlignError, suggest
+from align.core.errors import AlignError, suggest
 
 from .base import Reward
 

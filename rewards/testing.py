@@ -1,7 +1,7 @@
 """Tiny, seeded reward models built from config, for tests and CPU examples.
 
 Every CLIP-family reward of the zoo can be built at toy size (32 px images, 8 px patches,
-width 32, 2 layers) with the word-level tokenizer of :mod:`align.testing`, so the real code
+width 32, 2 layers) with the word-level tokenizer of :mod:`align.builtin.testing`, so the real code
 paths (preprocessing, towers, heads, the HPSv2 remap) run offline in milliseconds.
 """
 
@@ -12,7 +12,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
-from align.testing import word_tokenizer
+from align.builtin.testing import word_tokenizer
 
 from .base import Reward
 

@@ -1,6 +1,6 @@
 """Train the built-in model: a tiny text-to-image Stable Diffusion pipeline of coloured shapes.
 
-The script renders its own dataset (:mod:`align.shapes`: a circle, square or triangle of one of
+The script renders its own dataset (:mod:`align.builtin.shapes_world`: a circle, square or triangle of one of
 8 colours on a background of another, prompts like "a red circle on a blue background"),
 then trains, on the CPU and seeded:
 
@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from align import shapes
-from align.models import DiffusionModel, builtin_model_path
-from align.testing import tiny_clip_text_encoder, word_tokenizer
+from align.builtin import shapes_world as shapes
+from align.builtin.testing import tiny_clip_text_encoder, word_tokenizer
+from align.core.models import DiffusionModel, builtin_model_path
 
 IMAGE_SIZE = 64
 MAX_TOKENS = 16

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from align.backprop import sample_with_grad
-from align.lora import LoRAConfig, add_lora, trainable_parameters
-from align.models import DiffusionModel
-from align.testing import tiny_pipeline
-from align.truncation import (
+from align.builtin.testing import tiny_pipeline
+from align.core.lora import LoRAConfig, add_lora, trainable_parameters
+from align.core.models import DiffusionModel
+from align.train.backprop import sample_with_grad
+from align.train.truncation import (
     FullChain,
     LastK,
     LowVarianceLastStep,
@@ -130,7 +130,7 @@ def test_k1_gradient_matches_finite_differences():
         )
         x = x_T
         for i in range(STEPS - 1):
-            from align.sampling import guided_prediction
+            from align.core.sampling import guided_prediction
 
             out = guided_prediction(model.denoiser, x, schedule.model_timestep(i, 2, "cpu"), pc.cond, pc.uncond, 3.0)
             x = schedule.step(i, x, out).prev_sample
@@ -138,7 +138,7 @@ def test_k1_gradient_matches_finite_differences():
     assert prefix.model_calls == STEPS
 
     def objective_fixed_prefix():
-        from align.sampling import guided_prediction
+        from align.core.sampling import guided_prediction
 
         i = STEPS - 1
         out = guided_prediction(model.denoiser, last_input, schedule.model_timestep(i, 2, "cpu"), pc.cond, pc.uncond, 3.0)

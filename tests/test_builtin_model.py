@@ -7,9 +7,9 @@ import pytest
 import torch
 from _threads import one_thread  # noqa: F401
 
-from align import shapes
-from align.errors import AlignError
-from align.models import DiffusionModel, builtin_model_path
+from align.builtin import shapes_world as shapes
+from align.core.errors import AlignError
+from align.core.models import DiffusionModel, builtin_model_path
 
 MODEL_DIR = builtin_model_path("shapes")
 #: sampler settings of the prompt-following check (see align/builtin/README.md for the measured figures)

@@ -7,13 +7,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from align.config import field_types, from_dict, load_config
-from align.errors import AlignError
-from align.models import DiffusionModel
-from align.prompts import load_prompts
-from align.testing import tiny_pipeline
-from align.trainer import TrainConfig
-from align.truncation import LastK, RandomCutoff, RandomLateStep
+from align.builtin.testing import tiny_pipeline
+from align.core.config import field_types, from_dict, load_config
+from align.core.errors import AlignError
+from align.core.models import DiffusionModel
+from align.core.prompts import load_prompts
+from align.train.trainer import TrainConfig
+from align.train.truncation import LastK, RandomCutoff, RandomLateStep
 
 SCALARS = st.one_of(
     st.none(),

@@ -5,10 +5,10 @@ import json
 import imageio.v3 as iio
 import pytest
 
+from align.builtin.testing import tiny_pipeline
+from align.core.errors import AlignError
+from align.core.models import DiffusionModel
 from align.demo import DemoConfig, _spearman, run_demo
-from align.errors import AlignError
-from align.models import DiffusionModel
-from align.testing import tiny_pipeline
 
 
 def test_demo_writes_report_and_summary(tmp_path):
@@ -55,7 +55,7 @@ def test_demo_config_errors_name_the_value():
 
 
 def test_prompt_fidelity_reads_rendered_scenes():
-    from align import shapes
+    from align.builtin import shapes_world as shapes
     from align.demo import _prompt_fidelity
 
     scenes = shapes.sample_scenes(6, 0)

@@ -6,9 +6,9 @@ import pytest
 
 from align.commands.guide import GuideConfig
 from align.commands.steer import SteerConfig
-from align.config import load_config
-from align.prompts import load_prompts
-from align.trainer import TrainConfig
+from align.core.config import load_config
+from align.core.prompts import load_prompts
+from align.train.trainer import TrainConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align.config import from_dict
-from align.errors import AlignError
-from align.models import DiffusionModel
-from align.testing import tiny_pipeline
-from align.trainer import TrainConfig, Trainer
+from align.builtin.testing import tiny_pipeline
+from align.core.config import from_dict
+from align.core.errors import AlignError
+from align.core.models import DiffusionModel
+from align.train.trainer import TrainConfig, Trainer
 from rewards import Reward
 from rewards.zoo.stats import Brightness
 
@@ -112,9 +112,9 @@ def test_too_many_nonfinite_steps_stop_with_a_checkpoint(tmp_path):
 DRIVER = textwrap.dedent(
     """
     import json, os, signal, sys
-    import align.checkpoint as checkpoint
-    from align.config import from_dict
-    from align.trainer import TrainConfig, Trainer
+    import align.train.checkpoint as checkpoint
+    from align.core.config import from_dict
+    from align.train.trainer import TrainConfig, Trainer
 
     config = from_dict(TrainConfig, json.loads(sys.argv[1]))
     kill_in_save = int(sys.argv[2])
@@ -208,8 +208,8 @@ DIST_DRIVER = textwrap.dedent(
     import json, sys
     import torch
     from safetensors.torch import save_file
-    from align.config import from_dict
-    from align.trainer import TrainConfig, Trainer
+    from align.core.config import from_dict
+    from align.train.trainer import TrainConfig, Trainer
 
     trainer = Trainer(from_dict(TrainConfig, json.loads(sys.argv[1])), progress=False)
     trainer.train()

@@ -4,14 +4,14 @@ import pytest
 import torch
 from _threads import one_thread  # noqa: F401
 
-from align.errors import AlignError
-from align.lora import LoRAConfig, adapters_disabled, add_lora
-from align.models import DiffusionModel
-from align.particles import make_generators, prepare_particles, sample_chain
-from align.rlg import LoRAPair, RLGConfig, TwoModels, rlg_prediction, rlg_sample
-from align.sampling import SamplingSchedule
-from align.testing import tiny_pipeline
-from align.toy import GaussianMixture, LinearReward, MixtureDenoiser, toy_scheduler
+from align.builtin.testing import tiny_pipeline
+from align.builtin.toy import GaussianMixture, LinearReward, MixtureDenoiser, toy_scheduler
+from align.core.errors import AlignError
+from align.core.lora import LoRAConfig, adapters_disabled, add_lora
+from align.core.models import DiffusionModel
+from align.core.sampling import SamplingSchedule
+from align.steer.particles import make_generators, prepare_particles, sample_chain
+from align.steer.rlg import LoRAPair, RLGConfig, TwoModels, rlg_prediction, rlg_sample
 
 REWARD = LinearReward([1.0])
 PROMPTS = ["a red circle", "a blue square"]
@@ -154,7 +154,7 @@ def test_text_encoder_lora_base_side_uses_the_plain_encoder():
 
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_pipeline_with_diffusers_loaded_lora(tmp_path, family):
-    from align.lora import save_lora
+    from align.core.lora import save_lora
     from pipelines import RLGuidancePipeline
 
     extra = {"max_sequence_length": 8} if family == "flux" else {}
@@ -191,7 +191,7 @@ def test_rlg_errors():
 
 def test_cli_guide(tmp_path, capsys):
     from align.cli import main
-    from align.lora import save_lora
+    from align.core.lora import save_lora
 
     tiny_pipeline("sd").save_pretrained(tmp_path / "model")
     trained = DiffusionModel(tiny_pipeline("sd"))

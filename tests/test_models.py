@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from align.errors import AlignError
-from align.models import DiffusionModel, resolve_model
-from align.sampling import guided_prediction
-from align.testing import tiny_pipeline
+from align.builtin.testing import tiny_pipeline
+from align.core.errors import AlignError
+from align.core.models import DiffusionModel, resolve_model
+from align.core.sampling import guided_prediction
 
 PROMPTS = ["a red circle", "a blue square on a green background"]
 
@@ -93,7 +93,7 @@ def test_unsupported_sampler_for_family():
 
 @pytest.mark.parametrize("family", ["sd", "sd3"])
 def test_block_checkpointed_decode_has_exact_gradients_and_a_lower_backward_peak(family):
-    from align.plan import trace_call
+    from align.train.plan import trace_call
 
     model = DiffusionModel(tiny_pipeline(family, seed=0))
     model.pipe.vae.requires_grad_(False)

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.plan import (
+from align.builtin.testing import tiny_pipeline
+from align.core.sampling import guided_prediction
+from align.train.plan import (
     GB,
     LiveBytes,
     MemoryPlanner,
@@ -22,8 +24,6 @@ from align.plan import (
     plan_memory,
     trace_call,
 )
-from align.sampling import guided_prediction
-from align.testing import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 1 << 12  # elements of the test tensors
@@ -87,8 +87,8 @@ PUBLISHED = [
 
 @pytest.fixture(scope="module")
 def preset_weights():
-    from align.lora import freeze_pipeline
-    from align.plan import _meta_model, _text_encoder_parameters
+    from align.core.lora import freeze_pipeline
+    from align.train.plan import _meta_model, _text_encoder_parameters
 
     out = {}
     for name in sorted({p[0] for p in PUBLISHED}):
@@ -140,10 +140,10 @@ import gc, json, sys, tempfile
 import torch
 sys.path.insert(0, {root!r})
 from bench.common import measure_step
-from align.config import from_dict
-from align.models import DiffusionModel
-from align.testing import tiny_pipeline
-from align.trainer import TrainConfig, Trainer
+from align.core.config import from_dict
+from align.core.models import DiffusionModel
+from align.builtin.testing import tiny_pipeline
+from align.train.trainer import TrainConfig, Trainer
 torch.set_num_threads(1)
 peaks = []
 for family, lora, ckpt, k, steps, precision in json.loads(sys.argv[1]):
@@ -205,7 +205,7 @@ def tiny_planner():
 
 def test_affine_batch_model_matches_a_direct_trace(tiny_planner):
     model = tiny_planner.model
-    from align.plan import _conditioning
+    from align.train.plan import _conditioning
 
     cond = _conditioning(model, tiny_planner.spec, 3, 64, 64, None)
     x = torch.zeros(model.latent_shape(3, 64, 64), device="meta")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from align.errors import AlignError, ConfigError, RewardError
+from align.core.errors import AlignError, ConfigError, RewardError
 from rewards import Reward, RewardOutput, WeightedSum, build_reward, require_differentiable
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from align.errors import AlignError, ConfigError
+from align.core.errors import AlignError, ConfigError
 from rewards import Ensemble, Reward, RunningNorm, TextNorm, WeightedSum, build_reward
 from rewards.compose import word_drop_contrastives
 from rewards.testing import tiny_rewards

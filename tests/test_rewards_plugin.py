@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 from rewards import ENTRY_POINT_GROUP, available_rewards, build_reward
 
 PYPROJECT = f"""

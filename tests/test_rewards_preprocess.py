@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 from rewards.preprocess import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from align.errors import ConfigError, RewardError
+from align.core.errors import ConfigError, RewardError
 from rewards import build_reward
 from rewards.zoo.vlm import VLMJudge
 

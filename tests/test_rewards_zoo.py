@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from align.errors import AlignError
-from align.testing import DEFAULT_WORDS
+from align.builtin.testing import DEFAULT_WORDS
+from align.core.errors import AlignError
 from rewards import available_rewards, build_reward
 from rewards.loading import import_optional, load_state_dict, resolve_file
 from rewards.testing import OpenClipLayoutCLIP, tiny_clip, tiny_openclip_checkpoint, tiny_rewards

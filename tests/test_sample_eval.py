@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from align.builtin.testing import tiny_pipeline
 from align.evaluate import read_image_folder
-from align.testing import tiny_pipeline
 from rewards import build_reward
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
-from align.errors import AlignError
-from align.sampling import SamplingSchedule, guided_prediction, posterior_noise_std, split_prediction
+from align.core.errors import AlignError
+from align.core.sampling import SamplingSchedule, guided_prediction, posterior_noise_std, split_prediction
 
 SD_SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,

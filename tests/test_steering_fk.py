@@ -1,7 +1,7 @@
 """FK steering on an analytic Gaussian-mixture diffusion: the particles approach the closed-form tilted target.
 
 Target: p(x) exp(lambda r(x)) / Z for a mixture p and a linear (or quadratic) reward, which is again a
-mixture (align.toy).  Estimates are the FK self-normalised weighted averages per prompt group; the
+mixture (align.builtin.toy).  Estimates are the FK self-normalised weighted averages per prompt group; the
 tolerance is 4 standard errors from the spread between independent groups (the sample size), and the
 base sampler is checked against p with the same tolerance so that discretisation cannot hide behind it.
 """
@@ -14,14 +14,7 @@ import torch
 from _threads import one_thread  # noqa: F401
 from scipy import stats
 
-from align.errors import AlignError
-from align.fk import FKConfig, fk_sample
-from align.guidance import BestOfNConfig, best_of_n
-from align.particles import make_generators, prepare_particles, sample_chain
-from align.potentials import POTENTIALS
-from align.resampling import RESAMPLERS
-from align.sampling import SamplingSchedule
-from align.toy import (
+from align.builtin.toy import (
     GaussianMixture,
     LinearReward,
     MixtureDenoiser,
@@ -29,6 +22,13 @@ from align.toy import (
     energy_distance_test,
     toy_scheduler,
 )
+from align.core.errors import AlignError
+from align.core.sampling import SamplingSchedule
+from align.steer.fk import FKConfig, fk_sample
+from align.steer.guidance import BestOfNConfig, best_of_n
+from align.steer.particles import make_generators, prepare_particles, sample_chain
+from align.steer.potentials import POTENTIALS
+from align.steer.resampling import RESAMPLERS
 
 MIX = GaussianMixture.create([0.7, 0.3], [[-1.0], [1.5]], [0.5, 0.4])
 REWARD = LinearReward([1.0])

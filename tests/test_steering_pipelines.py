@@ -7,12 +7,12 @@ import pytest
 import torch
 from _threads import one_thread  # noqa: F401
 
+from align.builtin.testing import tiny_pipeline
 from align.cli import main
-from align.errors import AlignError
-from align.fk import FKConfig, fk_sample
-from align.guidance import BestOfNConfig, GradientGuidanceConfig, best_of_n, gradient_guidance
-from align.models import DiffusionModel
-from align.testing import tiny_pipeline
+from align.core.errors import AlignError
+from align.core.models import DiffusionModel
+from align.steer.fk import FKConfig, fk_sample
+from align.steer.guidance import BestOfNConfig, GradientGuidanceConfig, best_of_n, gradient_guidance
 from pipelines import FKSteeringPipeline
 from rewards import build_reward
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from align.errors import AlignError
-from align.potentials import Potential, PotentialState
-from align.resampling import (
+from align.core.errors import AlignError
+from align.steer.potentials import Potential, PotentialState
+from align.steer.resampling import (
     RESAMPLERS,
     effective_sample_size,
     flat_indices,

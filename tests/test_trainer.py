@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
-from align.config import from_dict
-from align.generate import generate, seeded_generators
-from align.models import DiffusionModel
-from align.testing import tiny_pipeline
-from align.trainer import TrainConfig, Trainer
+from align.builtin.testing import tiny_pipeline
+from align.core.config import from_dict
+from align.core.models import DiffusionModel
+from align.steer.generate import generate, seeded_generators
+from align.train.trainer import TrainConfig, Trainer
 from rewards import build_reward
 
 PROMPTS = ["a red circle", "a blue square"]

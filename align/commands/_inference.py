@@ -8,14 +8,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, check_choice, check_device
+from align.core.errors import ConfigError, check_choice, check_device
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def check_run_fields(config) -> None:
     """Validate the fields every inference command has (device, dtype, sizes, output folder)."""
-    from ..errors import check_range
+    from align.core.errors import check_range
 
     check_device("device", config.device)
     check_choice("dtype", config.dtype, DTYPES)
@@ -40,7 +40,7 @@ def load_run_config(cls, args: argparse.Namespace, flags: dict[str, Any]):
     """Config from --config, key=value overrides, then the flags; None after --print-config."""
     import yaml
 
-    from ..config import load_config, to_dict
+    from align.core.config import load_config, to_dict
 
     config = load_config(cls, args.config, args.overrides)
     given = {k: v for k, v in flags.items() if v is not None}
@@ -61,7 +61,7 @@ def load_model(config):
     """The DiffusionModel of ``config.model`` on the configured device and dtype."""
     import torch
 
-    from ..models import DiffusionModel
+    from align.core.models import DiffusionModel
 
     device = config.device
     if device == "auto":
@@ -91,7 +91,7 @@ def save_images(images, folder: Path, names: list[str]) -> list[str]:
 
 def write_results(output_dir: Path, config, results: dict[str, Any]) -> Path:
     """results.json (with the resolved config) and config.yaml in ``output_dir``."""
-    from ..config import save_config, to_dict
+    from align.core.config import save_config, to_dict
 
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, output_dir / "config.yaml")

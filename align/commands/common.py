@@ -22,7 +22,7 @@ def resolve_config(cls, args: argparse.Namespace):
     """Load ``cls`` from --config and overrides; print it and return None with --print-config."""
     import yaml
 
-    from ..config import load_config, to_dict
+    from align.core.config import load_config, to_dict
 
     config = load_config(cls, args.config, args.overrides)
     if args.print_config:
@@ -33,7 +33,7 @@ def resolve_config(cls, args: argparse.Namespace):
 
 def config_epilog(cls, title: str) -> str:
     """Help epilog listing every config field (type, default, description)."""
-    from ..config import describe_config
+    from align.core.config import describe_config
 
     return f"{title}\n{describe_config(cls)}"
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_config_arguments, config_epilog, resolve_config
+from align.commands.common import add_config_arguments, config_epilog, resolve_config
 
 
 def add_parser(subparsers) -> None:
-    from ..demo import DemoConfig
+    from align.demo import DemoConfig
 
     parser = subparsers.add_parser(
         "demo",
@@ -29,7 +29,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import DemoConfig, run_demo
+    from align.demo import DemoConfig, run_demo
 
     config = resolve_config(DemoConfig, args)
     if config is None:

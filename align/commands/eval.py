@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_config_arguments, config_epilog, resolve_config
+from align.commands.common import add_config_arguments, config_epilog, resolve_config
 
 
 def add_parser(subparsers) -> None:
-    from ..evaluate import EvalConfig
+    from align.evaluate import EvalConfig
 
     parser = subparsers.add_parser(
         "eval",
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
             doc = (get_reward_factory(name).__doc__ or "").strip().splitlines()
             print(f"{name:28s} {doc[0] if doc else ''}")
         return 0
-    from ..evaluate import EvalConfig, evaluate
+    from align.evaluate import EvalConfig, evaluate
 
     config = resolve_config(EvalConfig, args)
     if config is None:

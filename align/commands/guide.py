@@ -7,9 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, check_range
-from ..fk_config import check_chunks_and_seed
-from ._inference import (
+from align.commands._inference import (
     add_common_flags,
     check_run_fields,
     load_model,
@@ -17,7 +15,9 @@ from ._inference import (
     save_images,
     write_results,
 )
-from .common import add_config_arguments, config_epilog
+from align.commands.common import add_config_arguments, config_epilog
+from align.core.errors import ConfigError, check_range
+from align.steer.fk_config import check_chunks_and_seed
 
 
 @dataclass
@@ -84,7 +84,7 @@ class GuideConfig:
         check_run_fields(self)
 
     def rlg_config(self, weight: float):
-        from ..rlg_config import RLGConfig
+        from align.steer.rlg_config import RLGConfig
 
         return RLGConfig(
             weight=weight, aligned_guidance_scale=self.aligned_guidance_scale, num_samples=self.num_samples,
@@ -120,8 +120,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..lora import load_lora
-    from ..prompts import load_prompts
+    from align.core.lora import load_lora
+    from align.core.prompts import load_prompts
 
     config = load_run_config(GuideConfig, args, {"lora": args.lora, "weights": args.weights, "reward": args.reward})
     if config is None:

@@ -53,7 +53,14 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..plan import DEFAULT_BUDGETS_GB, PlanConfig, format_plan, parse_memory, plan_memory, preset_names
+    from align.train.plan import (
+        DEFAULT_BUDGETS_GB,
+        PlanConfig,
+        format_plan,
+        parse_memory,
+        plan_memory,
+        preset_names,
+    )
 
     if args.list_presets:
         print("\n".join(preset_names()))

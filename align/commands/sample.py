@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_config_arguments, config_epilog, resolve_config
+from align.commands.common import add_config_arguments, config_epilog, resolve_config
 
 
 def add_parser(subparsers) -> None:
-    from ..evaluate import SampleConfig
+    from align.evaluate import SampleConfig
 
     parser = subparsers.add_parser(
         "sample",
@@ -23,7 +23,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import SampleConfig, sample_to_folder
+    from align.evaluate import SampleConfig, sample_to_folder
 
     config = resolve_config(SampleConfig, args)
     if config is None:

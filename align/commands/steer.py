@@ -7,10 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import check_choice
-from ..fk_config import FKConfig
-from ..guidance_config import GradientGuidanceConfig
-from ._inference import (
+from align.commands._inference import (
     add_common_flags,
     check_run_fields,
     load_model,
@@ -18,7 +15,10 @@ from ._inference import (
     save_images,
     write_results,
 )
-from .common import add_config_arguments, config_epilog
+from align.commands.common import add_config_arguments, config_epilog
+from align.core.errors import check_choice
+from align.steer.fk_config import FKConfig
+from align.steer.guidance_config import GradientGuidanceConfig
 
 STEER_METHODS = ("fk", "best_of_n", "gradient")
 
@@ -75,7 +75,7 @@ class SteerConfig:
         check_run_fields(self)
 
     def method_config(self):
-        from ..guidance_config import BestOfNConfig
+        from align.steer.guidance_config import BestOfNConfig
 
         if self.method == "fk":
             return self.fk
@@ -106,7 +106,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..prompts import load_prompts
+    from align.core.prompts import load_prompts
 
     config = load_run_config(SteerConfig, args, {"reward": args.reward, "method": args.method})
     if config is None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_config_arguments, config_epilog, resolve_config
+from align.commands.common import add_config_arguments, config_epilog, resolve_config
 
 
 def add_parser(subparsers) -> None:
-    from ..trainer import TrainConfig
+    from align.train.trainer import TrainConfig
 
     parser = subparsers.add_parser(
         "train",
@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..trainer import TrainConfig, Trainer
+    from align.train.trainer import TrainConfig, Trainer
 
     config = resolve_config(TrainConfig, args)
     if config is None:

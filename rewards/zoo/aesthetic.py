@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 from ..base import Reward
 from ..loading import load_state_dict, resolve_file

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from align.errors import AlignError, check_choice
+from align.core.errors import AlignError, check_choice
 
 from ..base import Reward, widen
 from ..loading import from_pretrained, import_optional

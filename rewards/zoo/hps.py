@@ -27,7 +27,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from align.errors import AlignError, check_choice
+from align.core.errors import AlignError, check_choice
 
 from ..loading import from_pretrained, import_optional, load_state_dict, resolve_file
 from ..preprocess import ImagePreprocess

@@ -12,7 +12,7 @@ import io
 import torch
 from torch import Tensor
 
-from align.errors import check_range
+from align.core.errors import check_range
 
 from ..base import Reward
 from ..registry import register_reward

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from align.errors import AlignError
+from align.core.errors import AlignError
 
 from ..base import Reward
 from ..registry import register_reward

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from align.errors import ConfigError, RewardError, check_range
+from align.core.errors import ConfigError, RewardError, check_range
 
 from ..base import Reward
 from ..registry import register_reward

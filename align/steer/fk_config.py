@@ -1,0 +1,108 @@
+"""Configuration of Feynman-Kac steering (kept free of heavy imports for the CLI's --help)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from align.core.errors import ConfigError, check_choice, check_range
+
+INTERMEDIATE_REWARDS = ("x0", "x0_samples", "custom")
+PROPOSALS = ("base", "gradient")
+
+
+def check_chunks_and_seed(config) -> None:
+    """Validate the optional ``chunk_size``/``model_chunk_size`` (>= 1) and ``seed`` (>= 0) fields."""
+    for name in ("chunk_size", "model_chunk_size"):
+        value = getattr(config, name, None)
+        if value is not None:
+            check_range(name, value, 1, None, integer=True)
+    if config.seed is not None:
+        check_range("seed", config.seed, 0, None, integer=True)
+
+
+@dataclass
+class FKConfig:
+    """Feynman-Kac (SMC) steering: sample p(x0) exp(lambda r(x0)) / Z with particles.
+
+    Paper defaults (Singhal et al.): 4 particles, lambda 10, potential max, resampling every 20 of
+    100 DDIM (eta=1) steps in [20, 80].  Resampling needs a stochastic sampler (DDIM eta > 0, DDPM,
+    or the flow-matching SDE step, eta > 0).
+
+    Attributes:
+        num_particles: particles per prompt k (paper: 4).
+        lambda_: tilt strength lambda >= 0 of the target p(x0) exp(lambda r(x0)); 0 is the base sampler.
+        potential: how intermediate rewards become potentials: max (paper default), difference, sum,
+            immediate; every choice targets the same distribution thanks to the final correction.
+        resampler: systematic (default, lowest variance), stratified, residual or multinomial (the
+            public code's only choice).
+        resample_start: first sampler step (0-based) at which potentials are applied.
+        resample_end: last step (inclusive) at which potentials may be applied.
+        resample_interval: apply potentials every this many steps from resample_start to resample_end.
+        ess_threshold: resample a prompt's particles only when their effective sample size is below
+            ess_threshold * num_particles; 1.0 resamples at every scheduled step (paper). Skipped
+            steps carry the weights forward.
+        final_resample: resample once more by the final weights, returning equally weighted particles
+            (a plain sample of the target); off by default, which keeps every final particle and
+            returns its log-weight (best-of selection should not lose particles).
+        intermediate_reward: x0 (reward of the decoded x0-prediction, default), x0_samples
+            (log-mean-exp of rewards of intermediate_samples draws around the x0-prediction) or custom
+            (a user function passed to the sampler).
+        intermediate_samples: number of x0 draws for intermediate_reward=x0_samples.
+        proposal: base (the sampler itself) or gradient (each stochastic step's mean shifted along the
+            reward gradient at the x0-prediction, with the importance-weight correction).
+        proposal_scale: multiplier of the gradient shift of proposal=gradient (1.0: the linearised
+            optimal twist).
+        chunk_size: particles decoded and scored at once (bounds peak memory; None: all at once).
+        model_chunk_size: particles per denoiser call (None: all particles in one batched call).
+        seed: random seed of the initial noise, the sampler noise and the resampling (None: random).
+    """
+
+    num_particles: int = 4
+    lambda_: float = 10.0
+    potential: str = "max"
+    resampler: str = "systematic"
+    resample_start: int = 20
+    resample_end: int = 80
+    resample_interval: int = 20
+    ess_threshold: float = 1.0
+    final_resample: bool = False
+    intermediate_reward: str = "x0"
+    intermediate_samples: int = 4
+    proposal: str = "base"
+    proposal_scale: float = 1.0
+    chunk_size: int | None = None
+    model_chunk_size: int | None = None
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        from align.steer.potentials import POTENTIALS
+        from align.steer.resampling import RESAMPLERS
+
+        check_range("num_particles", self.num_particles, 1, None, integer=True)
+        check_range("lambda_", self.lambda_, 0.0, None)
+        check_choice("potential", self.potential, sorted(POTENTIALS))
+        check_choice("resampler", self.resampler, sorted(RESAMPLERS))
+        check_range("resample_start", self.resample_start, 0, None, integer=True)
+        check_range("resample_end", self.resample_end, 0, None, integer=True)
+        if self.resample_end < self.resample_start:
+            raise ConfigError(
+                f"resample_end={self.resample_end!r} is before resample_start={self.resample_start!r}; "
+                "accepted: resample_end >= resample_start"
+            )
+        check_range("resample_interval", self.resample_interval, 1, None, integer=True)
+        check_range("ess_threshold", self.ess_threshold, 0.0, 1.0)
+        check_choice("intermediate_reward", self.intermediate_reward, INTERMEDIATE_REWARDS)
+        check_range("intermediate_samples", self.intermediate_samples, 1, None, integer=True)
+        check_choice("proposal", self.proposal, PROPOSALS)
+        check_range("proposal_scale", self.proposal_scale, 0.0, None)
+        check_chunks_and_seed(self)
+
+    def potential_steps(self, num_steps: int) -> list[int]:
+        """The sampler steps (0-based, of ``num_steps``) at which potentials are applied."""
+        if self.resample_start >= num_steps:
+            raise ConfigError(
+                f"resample_start={self.resample_start} is not a step of the {num_steps}-step sampler; "
+                f"accepted: 0..{num_steps - 1} (the paper's [20, 80] every 20 assumes 100 steps)"
+            )
+        end = min(self.resample_end, num_steps - 1)
+        return list(range(self.resample_start, end + 1, self.resample_interval))

@@ -1,0 +1,78 @@
+"""Settings shared by every reward-backpropagation method, and the reward-to-loss shaping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from align.core.errors import check_choice, check_range
+from align.train.truncation import TruncationPolicy
+
+LOSSES = ("negative", "hinge", "target")
+
+
+@dataclass
+class MethodConfig:
+    """Sampling, optimisation and loss settings common to all reward-backprop methods.
+
+    Attributes:
+        num_steps: sampling steps T of the chain that is differentiated through.
+        guidance_scale: classifier-free guidance scale while sampling (1 disables CFG).
+        sampler: "auto" (DDIM for UNet models, flow Euler for flow-matching models), "ddim", "ddpm" or "flow".
+        eta: DDIM eta / flow-step stochasticity (0 deterministic; 1 ancestral).
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradient clipping norm (0 disables clipping).
+        loss: how the reward becomes a loss: "negative" (-scale * r), "hinge" (scale * relu(target - r), ReFL),
+            or "target" (scale * |r - target|, AlignProp's aesthetic loss).
+        loss_target: the target of the "hinge" and "target" losses.
+        loss_scale: multiplies the loss.
+        kl_weight: weight of the KL-style regulariser: mean squared difference between the trained and the
+            frozen model's predictions over the grad-enabled steps (DRaFT+); needs LoRA.
+        detach_denoiser_input: stop the gradient at the denoiser's input, keeping it through the scheduler
+            update (DRTune).
+    """
+
+    num_steps: int = 50
+    guidance_scale: float = 7.5
+    sampler: str = "auto"
+    eta: float = 0.0
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    loss: str = "negative"
+    loss_target: float = 0.0
+    loss_scale: float = 1.0
+    kl_weight: float = 0.0
+    detach_denoiser_input: bool = False
+
+    def __post_init__(self) -> None:
+        check_range("num_steps", self.num_steps, 1, 1000, integer=True)
+        check_range("guidance_scale", self.guidance_scale, 0.0, None)
+        check_choice("sampler", self.sampler, ("auto", "ddim", "ddpm", "flow"))
+        check_range("eta", self.eta, 0.0, None)
+        check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_inclusive=False)
+        check_range("weight_decay", self.weight_decay, 0.0, None)
+        check_range("max_grad_norm", self.max_grad_norm, 0.0, None)
+        check_choice("loss", self.loss, LOSSES)
+        check_range("loss_scale", self.loss_scale, 0.0, None, low_inclusive=False)
+        check_range("kl_weight", self.kl_weight, 0.0, None)
+
+    # -- what each method defines ------------------------------------------------------------
+    name: ClassVar[str] = "method"
+
+    def truncation(self) -> TruncationPolicy:  # pragma: no cover - every method overrides
+        raise NotImplementedError
+
+    def reward_loss(self, rewards: Tensor) -> Tensor:
+        """Per-sample loss from per-sample rewards (lower is better)."""
+        if self.loss == "negative":
+            loss = -rewards
+        elif self.loss == "hinge":
+            loss = torch.relu(self.loss_target - rewards)
+        else:
+            loss = (rewards - self.loss_target).abs()
+        return self.loss_scale * loss

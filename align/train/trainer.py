@@ -1,0 +1,762 @@
+"""Reward-backpropagation fine-tuning on accelerate.
+
+The same loop runs on one CPU, one GPU, or many GPUs and nodes (``accelerate launch``).  Each
+optimiser step samples a batch with gradients on the method's truncation window
+(:mod:`align.train.backprop`), decodes it (checkpointed VAE), scores it, and minimises the shaped
+reward loss (plus the optional KL-style regulariser) in the LoRA weights.
+
+Reproducibility: every sample's prompt and noise come from a seed derived from
+(run seed, step, micro-step, global sample index), so a run resumed from a checkpoint, or split
+over processes, draws exactly what an uninterrupted single-process run draws.  Gradients of the
+trainable parameters are averaged across processes by one flat all-reduce (LoRA weights are
+small), so no DDP wrapper has to see the many model calls of a sampling chain.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from align.core.config import save_config, to_dict
+from align.core.errors import AlignError, ConfigError, check_choice, check_device, check_range
+from align.core.lora import LoRAConfig, adapters_disabled, add_lora, save_lora, trainable_parameters
+from align.train.checkpoint import (
+    CheckpointManager,
+    atomic_directory,
+    atomic_write_text,
+    rng_state,
+    set_rng_state,
+)
+from align.train.methods import METHODS, AlignPropConfig, DraftConfig, DraftLVConfig, MethodConfig, ReFLConfig
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Configuration of ``align train``.
+
+    Attributes:
+        model: 'builtin' (the tiny shapes model shipped with the package), a local diffusers folder, or a hub id.
+        method: draft (DRaFT / DRaFT-K), draft_lv (DRaFT-LV), alignprop (AlignProp) or refl (ReFL).
+        draft: settings of the draft method.
+        draft_lv: settings of the draft_lv method.
+        alignprop: settings of the alignprop method.
+        refl: settings of the refl method.
+        reward: a reward name (see `align eval --list-rewards`), or {name: weight, ...} for a weighted sum.
+        prompts: a named prompt set (shapes, simple_animals), a text file with one prompt per line, or a list.
+        negative_prompt: negative prompt for classifier-free guidance.
+        lora: LoRA adapter settings.
+        output_dir: run folder: LoRA, checkpoints, metrics.jsonl, sample grids, config.yaml.
+        seed: run seed; every sample's prompt and noise derive from it.
+        max_steps: optimiser steps.
+        batch_size: images per process per micro-step.
+        gradient_accumulation_steps: micro-steps per optimiser step.
+        lr_schedule: constant, linear (decay to 0) or cosine.
+        lr_warmup_steps: linear warm-up steps.
+        mixed_precision: no, fp16 or bf16 (base weights in that dtype; LoRA weights stay fp32; fp16 uses loss scaling).
+        gradient_checkpointing: checkpoint every grad-enabled model call and the VAE decoder.
+        ema_decay: exponential moving average of the trained weights (0 disables); the saved LoRA uses the EMA.
+        height: image height in pixels (default: the model's native size).
+        width: image width in pixels (default: the model's native size).
+        max_sequence_length: text length for T5-based models (SD3, FLUX); default: the pipeline's.
+        checkpoint_every: save a resumable checkpoint every N steps (0: only at the end).
+        keep_checkpoints: how many recent checkpoints to keep.
+        sample_every: save a grid of samples (fixed prompts and seeds) every N steps (0: only before and after).
+        num_samples: images in each sample grid.
+        resume: 'latest' or a checkpoint folder to resume from (None: start fresh; refuses a non-empty run folder).
+        device: auto, cpu, cuda or cuda:N.
+        offline: only use local files (default: the HF_HUB_OFFLINE environment variable).
+        allow_pickle: allow loading pickle checkpoints (unsafe with untrusted files).
+        report_to: extra trackers through accelerate (tensorboard, wandb) when installed.
+        max_nonfinite_steps: stop (with a checkpoint) after this many consecutive steps with a non-finite loss or gradient.
+        monitor_rewards: held-out rewards to evaluate during training ({name: weight} or a name); None disables.
+        monitor_prompts: held-out prompts for the monitor (default: the training prompts).
+        monitor_every: evaluate the monitor every N steps (0 disables).
+        monitor_patience: stop early after this many monitor evaluations in a row in which the training reward
+            rose while the held-out reward fell below its best by more than monitor_tolerance (0: never stop).
+        monitor_tolerance: allowed drop of the held-out reward below its best before it counts as divergence.
+    """
+
+    model: str = "builtin"
+    method: str = "draft"
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    draft_lv: DraftLVConfig = field(default_factory=DraftLVConfig)
+    alignprop: AlignPropConfig = field(default_factory=AlignPropConfig)
+    refl: ReFLConfig = field(default_factory=ReFLConfig)
+    reward: str | dict[str, Any] = "brightness"
+    prompts: str | list[str] = "shapes"
+    negative_prompt: str = ""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    output_dir: str = "runs/train"
+    seed: int = 0
+    max_steps: int = 100
+    batch_size: int = 2
+    gradient_accumulation_steps: int = 1
+    lr_schedule: str = "constant"
+    lr_warmup_steps: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = True
+    ema_decay: float = 0.0
+    height: int | None = None
+    width: int | None = None
+    max_sequence_length: int | None = None
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    sample_every: int = 50
+    num_samples: int = 8
+    resume: str | None = None
+    device: str = "auto"
+    offline: bool | None = None
+    allow_pickle: bool = False
+    report_to: list[str] = field(default_factory=list)
+    max_nonfinite_steps: int = 5
+    monitor_rewards: str | dict[str, Any] | None = None
+    monitor_prompts: str | list[str] | None = None
+    monitor_every: int = 0
+    monitor_patience: int = 0
+    monitor_tolerance: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_choice("method", self.method, METHODS)
+        check_range("seed", self.seed, 0, 2**63 - 1, integer=True)
+        check_range("max_steps", self.max_steps, 1, None, integer=True)
+        check_range("batch_size", self.batch_size, 1, None, integer=True)
+        check_range("gradient_accumulation_steps", self.gradient_accumulation_steps, 1, None, integer=True)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_range("lr_warmup_steps", self.lr_warmup_steps, 0, None, integer=True)
+        check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        check_range("ema_decay", self.ema_decay, 0.0, 1.0, high_inclusive=False)
+        for name in ("height", "width", "max_sequence_length"):
+            if getattr(self, name) is not None:
+                check_range(name, getattr(self, name), 1, None, integer=True)
+        check_range("checkpoint_every", self.checkpoint_every, 0, None, integer=True)
+        check_range("keep_checkpoints", self.keep_checkpoints, 1, None, integer=True)
+        check_range("sample_every", self.sample_every, 0, None, integer=True)
+        check_range("num_samples", self.num_samples, 1, 256, integer=True)
+        check_range("max_nonfinite_steps", self.max_nonfinite_steps, 1, None, integer=True)
+        check_range("monitor_every", self.monitor_every, 0, None, integer=True)
+        check_range("monitor_patience", self.monitor_patience, 0, None, integer=True)
+        check_range("monitor_tolerance", self.monitor_tolerance, 0.0, None)
+        check_device("device", self.device)
+        if not self.output_dir:
+            raise ConfigError("output_dir='' is empty; give a folder for the run")
+        if self.method_config.kl_weight > 0 and not self.lora.enabled:
+            raise ConfigError(
+                f"{self.method}.kl_weight={self.method_config.kl_weight} needs LoRA (the frozen model is the "
+                "adapter switched off); set lora.enabled=true or kl_weight=0"
+            )
+
+    @property
+    def method_config(self) -> MethodConfig:
+        return getattr(self, self.method)
+
+
+def _sample_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, well mixed (numpy SeedSequence)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _lr_lambda(schedule: str, warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run wrote its outputs and its headline figures."""
+
+    output_dir: Path
+    lora_dir: Path | None
+    steps: int
+    skipped_steps: int
+    first_reward: float | None
+    last_reward: float | None
+    stopped_early: str | None = None
+
+
+class Trainer:
+    """Reward-backprop fine-tuning of one model with one method and reward.
+
+    ``model`` and ``reward`` may be given pre-built (tests, notebooks); otherwise they are loaded
+    from the config.  Call :meth:`train`.
+    """
+
+    def __init__(self, config: TrainConfig, *, model=None, reward=None, accelerator=None, progress: bool = True):
+        self.config = config
+        self.method = config.method_config
+        self._given_model = model
+        self._given_reward = reward
+        self._accelerator = accelerator
+        self.progress = progress
+        self.output_dir = Path(config.output_dir)
+        self._setup_done = False
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        if self._setup_done:
+            return
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        cfg = self.config
+        if self._accelerator is None:
+            from accelerate.state import AcceleratorState
+
+            # AcceleratorState is process-global: let a second Trainer in the same process (a
+            # notebook, a test) choose another precision; the distributed state is kept.
+            AcceleratorState._reset_state(reset_partial_state=False)
+            trackers = [t for t in cfg.report_to if _tracker_available(t)]
+            self._accelerator = Accelerator(
+                mixed_precision=cfg.mixed_precision,
+                cpu=cfg.device == "cpu",
+                log_with=trackers or None,
+                project_dir=str(self.output_dir),
+            )
+        acc = self.accelerator = self._accelerator
+        set_seed(cfg.seed, device_specific=False)
+        self.is_main = acc.is_main_process
+        self.num_processes = acc.num_processes
+        self.rank = acc.process_index
+
+        if cfg.resume is None and (self.output_dir / "checkpoints").is_dir():
+            if CheckpointManager(self.output_dir).complete():
+                raise AlignError(
+                    f"output_dir={str(self.output_dir)!r} already holds checkpoints; pass resume=latest to continue "
+                    "that run, or choose another output_dir"
+                )
+
+        weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+        device = acc.device if cfg.device in ("auto", "cpu") else torch.device(cfg.device)
+        if self._given_model is not None:
+            self.model = self._given_model
+            self.model.pipe.to(device)
+        else:
+            from align.core.models import DiffusionModel
+
+            self.model = DiffusionModel.from_pretrained(
+                cfg.model, dtype=weight_dtype, device=device, offline=cfg.offline, allow_pickle=cfg.allow_pickle
+            )
+        model = self.model
+        if weight_dtype != torch.float32:
+            # frozen weights in the low-precision dtype; add_lora keeps the LoRA weights in fp32
+            for component in model.pipe.components.values():
+                if isinstance(component, torch.nn.Module):
+                    component.to(dtype=weight_dtype)
+        if cfg.mixed_precision == "fp16" and model.pipe.vae is not None:
+            model.pipe.vae.to(dtype=torch.float32)  # fp16 VAEs overflow; decode in fp32
+        self.params = add_lora(model, cfg.lora)
+        if cfg.gradient_checkpointing is False and hasattr(model.module, "disable_gradient_checkpointing"):
+            model.module.disable_gradient_checkpointing()
+        self.param_names = _named_trainable(model)
+
+        from rewards import build_reward, require_differentiable
+
+        self.reward = self._given_reward if self._given_reward is not None else build_reward(cfg.reward)
+        require_differentiable(self.reward, cfg.method)
+        self.reward.to(device)
+        # The trainer decides what a failed or non-finite score does: with the reward's default
+        # (raise) the whole step is skipped and counted; with on_invalid="drop" only the bad
+        # samples are left out of the loss.
+        self.drop_invalid_samples = getattr(self.reward, "on_invalid", "raise") == "drop"
+        if hasattr(self.reward, "on_invalid"):
+            self.reward.on_invalid = "drop"
+        self.monitor = build_reward(cfg.monitor_rewards) if cfg.monitor_rewards is not None else None
+
+        from align.core.prompts import load_prompts
+
+        self.prompts = load_prompts(cfg.prompts)
+        self.monitor_prompts = load_prompts(cfg.monitor_prompts) if cfg.monitor_prompts is not None else self.prompts
+        self.height, self.width = (cfg.height, cfg.width) if cfg.height and cfg.width else model.default_resolution()
+        if (cfg.height is None) != (cfg.width is None):
+            native = model.default_resolution()
+            self.height, self.width = cfg.height or native[0], cfg.width or native[1]
+        model.check_resolution(self.height, self.width)
+        self.schedule = model.schedule(
+            self.method.num_steps, sampler=self.method.sampler, eta=self.method.eta, height=self.height, width=self.width
+        )
+        self.policy = self.method.truncation()
+
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=self.method.learning_rate, weight_decay=self.method.weight_decay
+        )
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(cfg.lr_schedule, cfg.lr_warmup_steps, cfg.max_steps)
+        )
+        self.optimizer, self.lr_scheduler = acc.prepare(self.optimizer, self.lr_scheduler)
+        self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
+        self.checkpoints = CheckpointManager(self.output_dir, keep=cfg.keep_checkpoints)
+        self.step = 0
+        self.skipped = 0
+        self.consecutive_bad = 0
+        self.monitor_best: float | None = None
+        self.monitor_strikes = 0
+        self.last_train_reward: float | None = None
+        self._setup_done = True
+
+    # ------------------------------------------------------------------ sampling + loss
+    def _sample_batch(self, step: int, micro: int) -> tuple[list[str], list[torch.Generator]]:
+        """Prompts and per-sample generators of this process's share of the global batch.
+
+        Sample j of optimiser step ``step`` (j counts over micro-steps, then processes, then the
+        batch) always gets the same prompt and noise, so batch 2 x 1 micro-step, batch 1 x 2
+        micro-steps and 2 processes x batch 1 train on the same samples.
+        """
+        cfg = self.config
+        prompts, gens = [], []
+        per_micro = self.num_processes * cfg.batch_size
+        for b in range(cfg.batch_size):
+            j = micro * per_micro + self.rank * cfg.batch_size + b
+            g = torch.Generator().manual_seed(_sample_seed(cfg.seed, step, j))
+            prompts.append(self.prompts[int(torch.randint(len(self.prompts), (), generator=g))])
+            gens.append(g)
+        return prompts, gens
+
+    def _encode(self, prompts: Sequence[str]):
+        guidance = self.method.guidance_scale != 1.0
+        neg = self.config.negative_prompt or None
+        with torch.set_grad_enabled(self.config.lora.text_encoder):
+            return self.model.encode_prompts(
+                prompts, guidance=guidance, negative_prompt=neg, height=self.height, width=self.width,
+                max_sequence_length=self.config.max_sequence_length,
+            )
+
+    def compute_loss(self, step: int, micro: int) -> tuple[Tensor, dict[str, float]]:
+        """Sample one micro-batch with gradients and return (loss, metrics)."""
+        from align.train.backprop import sample_with_grad
+
+        cfg, method, model = self.config, self.method, self.model
+        prompts, gens = self._sample_batch(step, micro)
+        # one truncation plan per micro-batch, the same on every process
+        plan_seed = _sample_seed(cfg.seed, step, 2**31 + micro)
+        plan = self.policy.plan(self.schedule.num_steps, torch.Generator().manual_seed(plan_seed))
+        pc = self._encode(prompts)
+        x_T = self.schedule.initial_noise(model.latent_shape(len(prompts), self.height, self.width), gens, model.device, model.dtype)
+        reference = None
+        if method.kl_weight > 0:
+            def reference(x, t, c):
+                with adapters_disabled(model):
+                    return model.denoiser(x, t, c)
+        with self.accelerator.autocast():
+            result = sample_with_grad(
+                model.denoiser, self.schedule, x_T, pc.cond, pc.uncond, method.guidance_scale, plan,
+                generator=gens, gradient_checkpointing=cfg.gradient_checkpointing,
+                detach_denoiser_input=method.detach_denoiser_input, reference_denoiser=reference,
+            )
+            images = model.decode(result.latents, gradient_checkpointing=cfg.gradient_checkpointing)
+        copies = result.latents.shape[0] // len(prompts)
+        self.reward.train()  # running reward normalisation updates its statistics in train mode only
+        scored = self.reward.score(images.float(), list(prompts) * copies)
+        valid = scored.valid
+        per_sample = method.reward_loss(scored.scores)
+        if bool(valid.any()) and (self.drop_invalid_samples or bool(valid.all())):
+            loss = per_sample[valid].mean()
+        else:
+            loss = per_sample.new_tensor(float("nan"))  # the step is skipped and counted
+        if method.kl_weight > 0:
+            loss = loss + method.kl_weight * result.regularizer
+        rewards = scored.scores.detach()[valid]
+        metrics = {
+            "reward_mean": float(rewards.mean()) if rewards.numel() else float("nan"),
+            "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "grad_steps": plan.grad_steps,
+            "invalid_samples": int((~valid).sum()),
+        }
+        for key, values in scored.info.items():
+            v = values.detach().float()[valid]
+            if v.numel():
+                metrics[f"reward/{key}_mean"] = float(v.mean())
+                metrics[f"reward/{key}_std"] = float(v.std()) if v.numel() > 1 else 0.0
+        if method.kl_weight > 0:
+            metrics["kl_regularizer"] = float(result.regularizer.detach())
+        return loss, metrics
+
+    # ------------------------------------------------------------------ one optimiser step
+    def _all_reduce_grads(self) -> None:
+        if self.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        flat = self.accelerator.reduce(flat, reduction="mean")
+        offset = 0
+        for p, g in zip(self.params, grads):
+            n = g.numel()
+            p.grad = flat[offset : offset + n].view_as(g).to(g.dtype)
+            offset += n
+
+    def _any_process(self, flag: bool) -> bool:
+        if self.num_processes == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimiser step (with accumulation); returns its metrics."""
+        cfg, acc = self.config, self.accelerator
+        start = time.perf_counter()
+        if acc.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(acc.device)
+        step = self.step
+        self.optimizer.zero_grad(set_to_none=True)
+        agg: dict[str, list[float]] = {}
+        bad = False
+        losses = []
+        for micro in range(cfg.gradient_accumulation_steps):
+            loss, metrics = self.compute_loss(step, micro)
+            for k, v in metrics.items():
+                agg.setdefault(k, []).append(v)
+            finite = bool(torch.isfinite(loss.detach()))
+            if self._any_process(not finite):
+                bad = True
+                break
+            acc.backward(loss / cfg.gradient_accumulation_steps)
+            losses.append(float(loss.detach()))
+        grad_norm = float("nan")
+        skipped = bad
+        if not bad:
+            self._all_reduce_grads()
+            max_norm = self.method.max_grad_norm or float("inf")
+            grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
+            if not math.isfinite(grad_norm) and cfg.mixed_precision != "fp16":
+                skipped = True
+            else:
+                # under fp16 the loss scaler skips steps with inf/nan gradients itself
+                self.optimizer.step()
+                skipped = bool(getattr(self.optimizer, "step_was_skipped", False))
+                if not skipped and self.ema is not None:
+                    with torch.no_grad():
+                        for e, p in zip(self.ema, self.params):
+                            e.lerp_(p.detach(), 1.0 - cfg.ema_decay)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.lr_scheduler.step()
+        if skipped:
+            self.skipped += 1
+            self.consecutive_bad += 1
+        else:
+            self.consecutive_bad = 0
+        self.step += 1
+        out = {k: float(np.mean(v)) for k, v in agg.items()}
+        out.update(
+            step=self.step,
+            loss=float(np.mean(losses)) if losses else float("nan"),
+            grad_norm=grad_norm,
+            lr=float(self.lr_scheduler.get_last_lr()[0]),
+            step_time_s=time.perf_counter() - start,
+            peak_memory_mb=_peak_memory_mb(acc.device),
+            skipped=int(skipped),
+            skipped_total=self.skipped,
+        )
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainable_state(self) -> dict[str, Tensor]:
+        return {name: p.detach() for name, p in zip(self.param_names, self.params)}
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a resumable checkpoint of the current step (main process only; all processes wait)."""
+        path = None
+        if self.is_main:
+            extra = {f"ema.{n}": e for n, e in zip(self.param_names, self.ema)} if self.ema is not None else {}
+            extra.update({f"reward.{k}": v for k, v in _reward_state(self.reward).items()})
+            path = self.checkpoints.save(
+                self.step,
+                self._trainable_state(),
+                optimizer=self.optimizer.state_dict(),
+                lr_scheduler=self.lr_scheduler.state_dict(),
+                rng=rng_state(),
+                extra=extra,
+                state={
+                    "skipped": self.skipped,
+                    "consecutive_bad": self.consecutive_bad,
+                    "monitor_best": self.monitor_best,
+                    "monitor_strikes": self.monitor_strikes,
+                    "method": self.config.method,
+                    "model": self.config.model,
+                },
+            )
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def resume(self, which: str = "latest") -> int:
+        """Restore weights, optimiser, scheduler, RNG and counters; returns the step resumed at."""
+        if self.is_main:
+            self.checkpoints.clean_partial()
+        self.accelerator.wait_for_everyone()
+        ckpt = self.checkpoints.load(None if which == "latest" else which)
+        missing = set(self.param_names) - set(ckpt.trainable)
+        if missing:
+            raise AlignError(
+                f"checkpoint {str(ckpt.path)!r} does not match this model's trainable weights (missing "
+                f"{sorted(missing)[0]!r}...); resume with the same model, method and lora settings"
+            )
+        with torch.no_grad():
+            for name, p in zip(self.param_names, self.params):
+                p.copy_(ckpt.trainable[name].to(p.device, p.dtype))
+            if self.ema is not None:
+                for name, e in zip(self.param_names, self.ema):
+                    if f"ema.{name}" in ckpt.extra:
+                        e.copy_(ckpt.extra[f"ema.{name}"].to(e.device, e.dtype))
+        reward_state = {k[len("reward.") :]: v for k, v in ckpt.extra.items() if k.startswith("reward.")}
+        if reward_state:
+            self.reward.load_state_dict(reward_state, strict=False)
+        if ckpt.optimizer is not None:
+            self.optimizer.load_state_dict(ckpt.optimizer)
+        if ckpt.lr_scheduler is not None:
+            self.lr_scheduler.load_state_dict(ckpt.lr_scheduler)
+        if ckpt.rng is not None:
+            set_rng_state(ckpt.rng)
+        self.step = ckpt.step
+        self.skipped = int(ckpt.state.get("skipped", 0))
+        self.consecutive_bad = int(ckpt.state.get("consecutive_bad", 0))
+        self.monitor_best = ckpt.state.get("monitor_best")
+        self.monitor_strikes = int(ckpt.state.get("monitor_strikes", 0))
+        return self.step
+
+    def save_lora(self, directory: Path | None = None) -> Path | None:
+        """Save the (EMA, when enabled) LoRA in diffusers' format, atomically; main process only.
+
+        With full fine-tuning (lora.enabled=false) the whole denoiser is saved with save_pretrained.
+        """
+        # a LoRA goes to lora/; full fine-tuning saves the whole denoiser (unet/ or transformer/)
+        default = "lora" if self.config.lora.enabled else ("transformer" if self.model.is_flow else "unet")
+        target = Path(directory) if directory is not None else self.output_dir / default
+        path = None
+        if self.is_main:
+            with _swapped(self.params, self.ema):
+                if self.config.lora.enabled:
+                    path = atomic_directory(target, lambda tmp: save_lora(self.model, tmp))
+                else:
+                    path = atomic_directory(
+                        target, lambda tmp: self.model.module.save_pretrained(tmp, safe_serialization=True)
+                    )
+        self.accelerator.wait_for_everyone()
+        return path
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluation_images(self, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
+        from align.steer.generate import generate
+
+        m = self.method
+        with _swapped(self.params, self.ema):
+            return generate(
+                self.model, prompts, seeds, num_steps=m.num_steps, guidance_scale=m.guidance_scale, sampler=m.sampler,
+                eta=m.eta, height=self.height, width=self.width, negative_prompt=self.config.negative_prompt or None,
+                max_sequence_length=self.config.max_sequence_length,
+            )
+
+    def _sample_grid(self, tag: str) -> dict[str, float]:
+        """Sample grid for fixed prompts and seeds; returns the training reward of those images."""
+        from align.core.images import save_png
+
+        n = self.config.num_samples
+        prompts = [self.prompts[i % len(self.prompts)] for i in range(n)]
+        seeds = [10_000 + i for i in range(n)]
+        images = self.evaluation_images(prompts, seeds)
+        save_png(images, self.output_dir / "samples" / f"{tag}.png", scale=max(1, 256 // images.shape[-1]))
+        self.reward.eval()
+        with torch.no_grad():
+            scores = self.reward.score(images, prompts)
+        return {"eval_reward_mean": float(scores.scores[scores.valid].mean())}
+
+    def _monitor(self) -> dict[str, float]:
+        """Held-out rewards on held-out prompts beside the training reward; early-stop bookkeeping."""
+        cfg = self.config
+        n = max(cfg.num_samples, 4)
+        prompts = [self.monitor_prompts[i % len(self.monitor_prompts)] for i in range(n)]
+        images = self.evaluation_images(prompts, [20_000 + i for i in range(n)])
+        self.reward.eval()
+        self.monitor.eval()
+        with torch.no_grad():
+            train = self.reward.score(images, prompts)
+            held = self.monitor.score(images, prompts)
+        out = {
+            "monitor/train_reward": float(train.scores[train.valid].mean()),
+            "monitor/heldout_reward": float(held.scores[held.valid].mean()),
+        }
+        for k, v in held.info.items():
+            out[f"monitor/{k}"] = float(v.float().mean())
+        heldout, train_r = out["monitor/heldout_reward"], out["monitor/train_reward"]
+        if self.monitor_best is None or heldout > self.monitor_best:
+            self.monitor_best = heldout
+        rising = self.last_train_reward is None or train_r >= self.last_train_reward
+        if heldout < self.monitor_best - cfg.monitor_tolerance and rising:
+            self.monitor_strikes += 1
+        else:
+            self.monitor_strikes = 0
+        self.last_train_reward = train_r
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def _log(self, metrics: dict[str, float]) -> None:
+        if self.is_main:
+            with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+        if self.accelerator.trackers:
+            self.accelerator.log(metrics, step=int(metrics.get("step", self.step)))
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume, drop metric lines after the checkpoint's step (they will be written again)."""
+        path = self.output_dir / "metrics.jsonl"
+        if not self.is_main or not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def train(self) -> TrainResult:
+        """Run (or resume) the training loop to ``max_steps``."""
+        self.setup()
+        cfg = self.config
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+        if cfg.resume:
+            start = self.resume(cfg.resume)
+            self._truncate_metrics(start)
+        if self.accelerator.log_with:
+            self.accelerator.init_trackers("diffusion-align", config=_flat(to_dict(cfg)))
+        first_reward = None
+        if self.step == 0 and self.is_main:
+            first = self._sample_grid("step-00000000")
+            first_reward = first["eval_reward_mean"]
+            self._log({"step": 0, **first})
+        stopped = None
+        bar = tqdm(
+            total=cfg.max_steps, initial=self.step, desc=f"{cfg.method} training", disable=not (self.progress and self.is_main),
+            dynamic_ncols=True,
+        )
+        last_reward = None
+        while self.step < cfg.max_steps:
+            metrics = self.train_step()
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.4f}", loss=f"{metrics['loss']:.4f}")
+            if self.consecutive_bad >= cfg.max_nonfinite_steps:
+                self._log(metrics)
+                path = self.save_checkpoint()
+                raise AlignError(
+                    f"stopping at step {self.step}: {self.consecutive_bad} consecutive steps had a non-finite loss or "
+                    f"gradient, or a failed reward (max_nonfinite_steps={cfg.max_nonfinite_steps}; reward errors are "
+                    f"logged above); the weights of the last good step are saved in {str(path)!r}. Lower the learning "
+                    "rate, use bf16 instead of fp16, or check the reward."
+                )
+            if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step < cfg.max_steps and self.is_main:
+                metrics.update(self._sample_grid(f"step-{self.step:08d}"))
+            if self.monitor is not None and cfg.monitor_every and self.step % cfg.monitor_every == 0:
+                metrics.update(self._monitor())
+                metrics["monitor/strikes"] = self.monitor_strikes
+            self._log(metrics)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
+                self.save_checkpoint()
+            if cfg.monitor_patience and self.monitor_strikes >= cfg.monitor_patience:
+                stopped = (
+                    f"held-out reward fell below its best ({self.monitor_best:.4f}) by more than "
+                    f"{cfg.monitor_tolerance} for {self.monitor_strikes} evaluations while the training reward rose"
+                )
+                break
+        bar.close()
+        if self.is_main:
+            final = self._sample_grid(f"step-{self.step:08d}")
+            last_reward = final["eval_reward_mean"]
+            self._log({"step": self.step, **final})
+        self.save_checkpoint()
+        lora_dir = self.save_lora()
+        result = TrainResult(self.output_dir, lora_dir, self.step, self.skipped, first_reward, last_reward, stopped)
+        if self.is_main:
+            summary = {
+                "steps": self.step, "skipped_steps": self.skipped, "first_eval_reward": first_reward,
+                "last_eval_reward": last_reward, "stopped_early": stopped, "lora_dir": str(lora_dir) if lora_dir else None,
+            }
+            atomic_write_text(self.output_dir / "summary.json", json.dumps(summary, indent=2))
+        if self.accelerator.trackers:
+            self.accelerator.end_training()
+        return result
+
+
+class _swapped:
+    """Context manager: temporarily load EMA weights into the parameters (no-op without EMA)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], ema: list[Tensor] | None):
+        self.params, self.ema, self.saved = params, ema, None
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.saved = [p.detach().clone() for p in self.params]
+            with torch.no_grad():
+                for p, e in zip(self.params, self.ema):
+                    p.copy_(e)
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            with torch.no_grad():
+                for p, s in zip(self.params, self.saved):
+                    p.copy_(s)
+
+
+def _reward_state(reward) -> dict[str, Tensor]:
+    """The reward's buffers (e.g. running normalisation statistics), not its frozen model weights."""
+    params = {name for name, _ in reward.named_parameters()}
+    return {k: v for k, v in reward.state_dict().items() if k not in params}
+
+
+def _named_trainable(model) -> list[str]:
+    from align.core.lora import text_encoders
+
+    names = [f"denoiser.{n}" for n, p in model.module.named_parameters() if p.requires_grad]
+    for i, enc in enumerate(text_encoders(model.pipe)):
+        names += [f"text_encoder{i}.{n}" for n, p in enc.named_parameters() if p.requires_grad]
+    if len(names) != len(trainable_parameters(model)):
+        raise RuntimeError("trainable parameter names and parameters disagree")
+    return names
+
+
+def _tracker_available(name: str) -> bool:
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name)
+    if module is None:
+        raise ConfigError(f"report_to contains {name!r}; accepted: 'tensorboard', 'wandb'")
+    if importlib.util.find_spec(module) is None:
+        import warnings
+
+        warnings.warn(f"report_to={name!r} is not installed (pip install diffusion-align[tracking]); skipping it", stacklevel=2)
+        return False
+    return True
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (list, tuple)):
+            out[key] = ",".join(map(str, v))
+        else:
+            out[key] = v
+    return out
