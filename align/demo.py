@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from align.core.config import to_dict
 from align.core.errors import ConfigError, check_range
+from align.core.paths import check_output_dir
 
 
 @dataclass
@@ -104,8 +105,7 @@ class DemoConfig:
         check_range("guide_seeds", self.guide_seeds, 1, 64, integer=True)
         if len(self.guidance_weights) < 2:
             raise ConfigError(f"guidance_weights={self.guidance_weights!r} needs at least two weights to sweep")
-        if not self.output_dir:
-            raise ConfigError("output_dir='' is empty; give a folder for the demo's outputs")
+        check_output_dir("output_dir", self.output_dir)
 
 
 

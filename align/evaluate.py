@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from align.core.errors import AlignError, ConfigError, check_device, check_range
+from align.core.paths import check_output_dir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -74,6 +75,7 @@ class SampleConfig:
             if getattr(self, name) is not None:
                 check_range(name, getattr(self, name), 1, None, integer=True)
         check_device("device", self.device)
+        check_output_dir("output_dir", self.output_dir)
 
 
 @dataclass

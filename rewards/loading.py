@@ -20,15 +20,15 @@ from torch import Tensor
 
 from align.core.errors import AlignError
 from align.core.models import hub_offline
+from align.core.paths import is_file, user_path
 
 _LOCAL_PREFIXES = (".", "/", "~")
 
 
 def resolve_file(spec: str | Path, *, offline: bool | None = None, revision: str | None = None) -> Path:
     """Local path of ``spec``: an existing file, or ``owner/repo/filename`` fetched from the hub (cached)."""
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return path
+    if is_file(spec):
+        return user_path(spec)
     text = str(spec)
     parts = text.split("/")
     if text.startswith(_LOCAL_PREFIXES) or len(parts) < 3 or not all(parts):

@@ -189,10 +189,11 @@ class ImagePreprocess:
     @classmethod
     def from_pretrained(cls, source: str, *, offline: bool | None = None, revision: str | None = None) -> ImagePreprocess:
         """Read ``preprocessor_config.json`` from a local folder or a hub id."""
+        from align.core.paths import is_dir, user_path
+
         from .loading import resolve_file
 
-        folder = Path(source).expanduser()
-        path = folder / "preprocessor_config.json" if folder.is_dir() else None
+        path = user_path(source) / "preprocessor_config.json" if is_dir(source) else None
         if path is None or not path.is_file():
             path = resolve_file(f"{source}/preprocessor_config.json", offline=offline, revision=revision)
         return cls.from_processor_config(json.loads(Path(path).read_text()))

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from align.builtin.testing import tiny_pipeline
@@ -86,6 +86,9 @@ def test_any_single_override_value(key, raw):
 
 @FAST
 @given(st.one_of(st.text(max_size=40), st.lists(st.text(max_size=20), max_size=4)))
+@example("~0")  # a ~user path whose user does not exist (pathlib raised RuntimeError)
+@example("x" * 400)  # longer than a file name may be (the file system raised OSError)
+@example("a\x00b")  # an embedded NUL byte
 def test_any_prompt_spec_loads_or_raises(spec):
     try:
         prompts = load_prompts(spec)

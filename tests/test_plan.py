@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from align.builtin.testing import tiny_pipeline
+from align.core.errors import ConfigError
 from align.core.sampling import guided_prediction
 from align.train.plan import (
     GB,
@@ -143,6 +144,7 @@ from bench.common import measure_step
 from align.core.config import from_dict
 from align.core.models import DiffusionModel
 from align.builtin.testing import tiny_pipeline
+from align.core.errors import ConfigError
 from align.train.trainer import TrainConfig, Trainer
 torch.set_num_threads(1)
 peaks = []
@@ -272,8 +274,11 @@ def test_parse_memory():
     assert parse_memory("24GB") == 24.0
     assert parse_memory("80 GiB") == 80.0
     assert parse_memory("512MB") == 0.5
-    assert parse_memory(16) == 16.0
-    with pytest.raises(ValueError, match="memory budget '24 parsecs' is not understood"):
+    assert parse_memory(16) == 16.0  # a Python number is GB (budgets_gb)
+    assert parse_memory("1TB") == 1024.0
+    with pytest.raises(ConfigError, match="no unit; write 24GB or 24MB"):
+        parse_memory("24")  # --budget 24 used to be read silently as GB
+    with pytest.raises(ConfigError, match="memory size .24 parsecs. is not understood"):
         parse_memory("24 parsecs")
 
 
@@ -302,7 +307,8 @@ BAD = [
     (["--model", "sd15", "--method", "dpo"], "method='dpo' is not supported"),
     (["--model", "sd15", "--truncation-steps", "60"], "truncation_steps=60 exceeds num_steps=50; accepted: 1..50"),
     (["--model", "sd15", "--resolution", "500"], "height=500 is not supported by this sd model; accepted: positive multiples of 64"),
-    (["--model", "sd15", "--budget", "lots"], "memory budget 'lots' is not understood"),
+    (["--model", "sd15", "--budget", "lots"], "memory size 'lots' is not understood"),
+    (["--model", "sd15", "--budget", "24"], "memory size '24' has no unit; write 24GB or 24MB"),  # was silently GB
 ]
 
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from align.core.errors import ConfigError, check_choice, check_device
+from align.core.errors import check_choice, check_device
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -16,6 +16,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 def check_run_fields(config) -> None:
     """Validate the fields every inference command has (device, dtype, sizes, output folder)."""
     from align.core.errors import check_range
+    from align.core.paths import check_output_dir
 
     check_device("device", config.device)
     check_choice("dtype", config.dtype, DTYPES)
@@ -23,8 +24,7 @@ def check_run_fields(config) -> None:
         if getattr(config, name) is not None:
             check_range(name, getattr(config, name), 1, None, integer=True)
     check_range("num_steps", config.num_steps, 1, None, integer=True)
-    if not config.output_dir:
-        raise ConfigError("output_dir='' is empty; give a folder for the images and results.json")
+    check_output_dir("output_dir", config.output_dir)
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:

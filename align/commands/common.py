@@ -6,16 +6,35 @@ import argparse
 from pathlib import Path
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--config FILE``, ``--print-config`` and trailing ``key=value`` overrides."""
+def wrap_paragraphs(text: str) -> str:
+    """Help prose wrapped to the terminal's width, paragraphs (blank-line separated) kept."""
+    import textwrap
+
+    from align.core.config import help_width
+
+    width = help_width()
+    return "\n\n".join(textwrap.fill(" ".join(par.split()), width) for par in text.split("\n\n"))
+
+
+def add_config_command(subparsers, name: str, cls, *, help: str, description: str, example: str,
+                       fields_title: str = "configuration fields (YAML keys / key=value overrides):"):
+    """A subcommand driven by the config dataclass ``cls``: wrapped description, every field in the
+    epilog, ``--config``, ``--print-config`` and ``key=value`` overrides with ``example`` (which must be
+    valid for ``cls``: tests load every command's example)."""
+    parser = subparsers.add_parser(
+        name, help=help, description=wrap_paragraphs(description), epilog=config_epilog(cls, fields_title),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", "-c", type=Path, help="YAML file with config fields (overridden by key=value)")
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved configuration as YAML and exit"
     )
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value",
-        help="override config fields, nested with dots (e.g. method=alignprop alignprop.num_steps=20 lora.rank=4)",
+        help=f"override config fields, nested with dots (e.g. {example})",
     )
+    parser.set_defaults(config_example=example)
+    return parser
 
 
 def resolve_config(cls, args: argparse.Namespace):

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from align.commands.common import add_config_arguments, config_epilog, resolve_config
+from align.commands.common import add_config_command, resolve_config
+
+#: the override example shown in --help (tests check that it is accepted)
+EXAMPLE = "train_steps=20 num_particles=4"
 
 
 def add_parser(subparsers) -> None:
     from align.demo import DemoConfig
 
-    parser = subparsers.add_parser(
-        "demo",
+    parser = add_config_command(
+        subparsers, "demo", DemoConfig,
         help="the whole toolkit on the built-in model in minutes on a CPU (HTML report)",
         description=(
             "1) fine-tune with DRaFT-K + LoRA toward a differentiable reward, 2) steer the base model with "
@@ -20,10 +23,8 @@ def add_parser(subparsers) -> None:
             "particles, reward plots) and OUTPUT_DIR/summary.json. The same command runs a real model on a GPU "
             "(model=<hub id> device=cuda ...)."
         ),
-        epilog=config_epilog(DemoConfig, "configuration fields (YAML keys / key=value overrides):"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example=EXAMPLE,
     )
-    add_config_arguments(parser)
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     parser.set_defaults(func=run)
 

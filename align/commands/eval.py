@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import argparse
 
-from align.commands.common import add_config_arguments, config_epilog, resolve_config
+from align.commands.common import add_config_command, resolve_config
+
+#: the override example shown in --help (tests check that it is accepted)
+EXAMPLE = "rewards=[brightness,jpeg_compressibility] images_per_prompt=2"
 
 
 def add_parser(subparsers) -> None:
     from align.evaluate import EvalConfig
 
-    parser = subparsers.add_parser(
-        "eval",
+    parser = add_config_command(
+        subparsers, "eval", EvalConfig,
         help="score images (a folder, or a model on a prompt set) with several rewards",
         description=(
             "Score a folder of images (images=DIR; prompts from its metadata.jsonl or the file names), or sample "
             "a model (and LoRA) on a prompt set first. Writes scores.csv, scores.json (per image and per-reward "
             "mean/std/min/max) and grid.png to OUTPUT_DIR."
         ),
-        epilog=config_epilog(EvalConfig, "configuration fields (YAML keys / key=value overrides):"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example=EXAMPLE,
     )
-    add_config_arguments(parser)
     parser.add_argument("--list-rewards", action="store_true", help="list the available rewards and exit")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -29,11 +30,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.list_rewards:
-        from rewards import available_rewards, get_reward_factory
-
-        for name in available_rewards():
-            doc = (get_reward_factory(name).__doc__ or "").strip().splitlines()
-            print(f"{name:28s} {doc[0] if doc else ''}")
+        print(list_rewards())
         return 0
     from align.evaluate import EvalConfig, evaluate
 
@@ -47,3 +44,42 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:{width}s}  {s['mean']:10.4f}  {s['std']:10.4f}  {s['count']:5d}")
     print(f"table: {config.output_dir}/scores.csv, {config.output_dir}/scores.json; grid: {config.output_dir}/grid.png")
     return 0
+
+
+def list_rewards() -> str:
+    """One entry per reward: name, whether it is differentiable (train with it) or black-box (steer or
+    train by policy gradient), and the first paragraph of its docstring, wrapped to the terminal."""
+    import re
+    import textwrap
+
+    from align.core.config import help_width
+    from rewards import available_rewards, get_reward_factory
+
+    width = help_width()
+    lines = []
+    for name in available_rewards():
+        factory = get_reward_factory(name)
+        doc = (factory.__doc__ or "").strip().split("\n\n")[0]
+        doc = re.sub(r":\w+:`~?([^`]+)`", r"\1", doc).replace("``", "")
+        kind = _reward_kind(factory)
+        head = f"{name:24s} {kind:9s} "
+        lines.append(textwrap.fill(" ".join(doc.split()), width, initial_indent=head,
+                                   subsequent_indent=" " * len(head), break_long_words=False))
+    return "\n".join(lines)
+
+
+def _reward_kind(factory) -> str:
+    """'diff.' or 'black-box' from the reward class a factory is or returns; 'as parts' for compositions."""
+    import typing
+
+    cls = factory
+    if not isinstance(factory, type):
+        try:
+            cls = typing.get_type_hints(factory).get("return")
+        except Exception:  # an annotation a plugin's module cannot resolve: say nothing rather than guess
+            return ""
+    if not isinstance(cls, type):
+        return ""
+    if cls.__module__ == "rewards.compose":
+        return "as parts"
+    return {True: "diff.", False: "black-box"}.get(getattr(cls, "differentiable", None), "")

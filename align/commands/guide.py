@@ -15,7 +15,7 @@ from align.commands._inference import (
     save_images,
     write_results,
 )
-from align.commands.common import add_config_arguments, config_epilog
+from align.commands.common import add_config_command
 from align.core.errors import ConfigError, check_range
 from align.steer.fk_config import check_chunks_and_seed
 
@@ -92,6 +92,10 @@ class GuideConfig:
         )
 
 
+#: the override example shown in --help (tests check that it is accepted)
+EXAMPLE = "weights=[0,1,2] num_samples=2 reward=saturation"
+
+
 def _weights(text: str) -> list[float]:
     try:
         return [float(w) for w in text.split(",") if w.strip()]
@@ -100,18 +104,16 @@ def _weights(text: str) -> list[float]:
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "guide",
+    parser = add_config_command(
+        subparsers, "guide", GuideConfig,
         help="RL guidance: blend a base model and its LoRA-aligned version at chosen weights",
         description=(
             "Sample with v = v_base + w (v_aligned - v_base) for each weight w, where the aligned model is the base "
             "model with a LoRA (--lora). Writes OUTPUT_DIR/w<w>/p<prompt>_s<sample>.png and results.json "
             "(rewards per weight when a reward is given)."
         ),
-        epilog=config_epilog(GuideConfig, "configuration fields (YAML keys / key=value overrides):"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example=EXAMPLE,
     )
-    add_config_arguments(parser)
     add_common_flags(parser)
     parser.add_argument("--lora", "-l", help="LoRA folder of the aligned model (diffusers format)")
     parser.add_argument("--weights", "-w", type=_weights, help="comma-separated RLG weights, e.g. 0,0.5,1,2")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from align.commands.common import wrap_paragraphs
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "plan",
         help="predict peak memory of a training run and the largest batch / K that fit a budget",
-        description=(
+        description=wrap_paragraphs(
             "Predict the peak memory of one optimiser step of `align train` from the model's architecture (config "
             "files only; no weights are downloaded) and the run's settings, broken down into weights, gradients, "
             "optimizer state and activations by phase, and find the largest batch size and truncation K that fit "

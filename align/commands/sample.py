@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-from align.commands.common import add_config_arguments, config_epilog, resolve_config
+from align.commands.common import add_config_command, resolve_config
+
+#: the override example shown in --help (tests check that it is accepted)
+EXAMPLE = "prompts=shapes_heldout images_per_prompt=4 guidance_scale=5.0"
 
 
 def add_parser(subparsers) -> None:
     from align.evaluate import SampleConfig
 
-    parser = subparsers.add_parser(
-        "sample",
+    parser = add_config_command(
+        subparsers, "sample", SampleConfig,
         help="sample images from a model (and LoRA) for a prompt set",
         description="Sample images with per-image seeds; writes PNGs, metadata.jsonl and grid.png to OUTPUT_DIR.",
-        epilog=config_epilog(SampleConfig, "configuration fields (YAML keys / key=value overrides):"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example=EXAMPLE,
     )
-    add_config_arguments(parser)
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 

@@ -15,7 +15,7 @@ from align.commands._inference import (
     save_images,
     write_results,
 )
-from align.commands.common import add_config_arguments, config_epilog
+from align.commands.common import add_config_command
 from align.core.errors import check_choice
 from align.steer.fk_config import FKConfig
 from align.steer.guidance_config import GradientGuidanceConfig
@@ -86,19 +86,22 @@ class SteerConfig:
                              model_chunk_size=fk.model_chunk_size, seed=fk.seed)
 
 
+#: the override example shown in --help (tests check that it is accepted)
+EXAMPLE = "fk.num_particles=8 fk.lambda_=5 reward=jpeg_compressibility"
+
+
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "steer",
+    parser = add_config_command(
+        subparsers, "steer", SteerConfig,
         help="steer sampling toward a reward with Feynman-Kac particles (no training)",
         description=(
             "Sample with Feynman-Kac steering (or the best-of-N / gradient-guidance baselines) toward a reward. "
             "Writes every final particle to OUTPUT_DIR/particles, the best particle per prompt to OUTPUT_DIR/best, "
             "and rewards, log-weights, ancestry and evaluation counts to OUTPUT_DIR/results.json."
         ),
-        epilog=config_epilog(SteerConfig, "configuration fields (YAML keys / key=value overrides, e.g. fk.lambda_=5):"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example=EXAMPLE,
+        fields_title="configuration fields (YAML keys / key=value overrides, e.g. fk.lambda_=5):",
     )
-    add_config_arguments(parser)
     add_common_flags(parser)
     parser.add_argument("--reward", "-r", help="reward name (see the rewards zoo)")
     parser.add_argument("--method", choices=STEER_METHODS, help="fk (default), best_of_n or gradient")

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import argparse
 
-from align.commands.common import add_config_arguments, config_epilog, resolve_config
+from align.commands.common import add_config_command, resolve_config
+
+#: the override example shown in --help (tests check that it is accepted)
+EXAMPLE = "method=alignprop alignprop.num_steps=20 lora.rank=4"
 
 
 def add_parser(subparsers) -> None:
     from align.train.trainer import TrainConfig
 
-    parser = subparsers.add_parser(
-        "train",
+    parser = add_config_command(
+        subparsers, "train", TrainConfig,
         help="fine-tune a model toward a reward by backpropagating through sampling",
         description=(
             "Fine-tune LoRA weights so that samples maximise a differentiable reward. Runs on one CPU, one GPU or "
             "many (`accelerate launch -m align train ...`). Writes the LoRA in diffusers format to OUTPUT_DIR/lora, "
             "resumable checkpoints, metrics.jsonl and sample grids. Resume with resume=latest."
         ),
-        epilog=config_epilog(TrainConfig, "configuration fields (YAML keys / key=value overrides):"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example=EXAMPLE,
     )
-    add_config_arguments(parser)
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 

@@ -278,29 +278,118 @@ def _own_field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe_config(cls: type, prefix: str = "") -> str:
-    """Every field of a config dataclass (nested ones dotted) with type, default and description."""
-    lines = []
+def help_width() -> int:
+    """Width to wrap help text to: the terminal's (as argparse does), between 60 and 140 columns."""
+    import shutil
+
+    return max(60, min(140, shutil.get_terminal_size((100, 24)).columns - 2))
+
+
+def _wrap(text: str, width: int, indent: str, hanging: str) -> str:
+    import textwrap
+
+    return textwrap.fill(
+        " ".join(text.split()), width=width, initial_indent=indent, subsequent_indent=hanging,
+        break_long_words=False, break_on_hyphens=False,
+    )
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _nested_type(f: dataclasses.Field, tp: Any) -> type | None:
+    """The dataclass a field holds (its annotation, or the type of its default), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    default = _default_of(f)
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
+        return type(default)
+    return None
+
+
+def _shared_section_base(types: list[type]) -> type | None:
+    """A dataclass base that two or more of the section types derive from (every method config's base)."""
+    for t in types:
+        for base in t.__mro__[1:]:
+            if dataclasses.is_dataclass(base) and dataclasses.fields(base):
+                if sum(issubclass(other, base) for other in types) >= 2:
+                    return base
+    return None
+
+
+def _shown(value: Any) -> str:
+    return repr(to_dict(value) if dataclasses.is_dataclass(value) else value)
+
+
+def describe_config(cls: type, prefix: str = "", width: int | None = None) -> str:
+    """Every field of a config dataclass (nested ones dotted) with type, default and description.
+
+    Sections that share a base dataclass (the methods of ``align train``) are shown once: the base's
+    fields with each section's default, then each section with only the fields of its own.  Lines
+    are wrapped to ``width`` (default: the terminal's).
+    """
+    width = width or help_width()
     hints = field_types(cls)
     docs = field_docs(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        tp = hints[f.name]
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    sections = {f.name: _nested_type(f, hints[f.name]) for f in fields}
+    shared = _shared_section_base([t for t in sections.values() if t is not None])
+    grouped = [f.name for f in fields if shared is not None and sections[f.name] is not None
+               and issubclass(sections[f.name], shared)]
+    lines: list[str] = []
+
+    def field_line(name: str, tp: Any, default: str, text: str) -> str:
+        head = f"{name} ({_type_name(tp)}, {default})"
+        return _wrap(f"{head}: {text}" if text else head, width, "  ", "      ")
+
+    for f in fields:
         name = f"{prefix}{f.name}"
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = f.default_factory()  # type: ignore[misc]
-        else:
-            default = None
-        if dataclasses.is_dataclass(tp) or (dataclasses.is_dataclass(default) and not isinstance(default, type)):
-            sub = tp if dataclasses.is_dataclass(tp) else type(default)
-            lines.append(f"  {name}: {docs.get(f.name, '')}".rstrip())
-            lines.append(describe_config(sub, prefix=name + "."))
+        if f.name in grouped:
+            if f.name != grouped[0]:
+                continue
+            lines.extend(_describe_sections(cls, prefix, grouped, shared, width, field_line))
             continue
-        shown = to_dict(default) if dataclasses.is_dataclass(default) else default
-        text = docs.get(f.name, "")
-        lines.append(f"  {name} ({_type_name(tp)}, default {shown!r}): {text}".rstrip(": "))
+        sub = sections[f.name]
+        if sub is not None:
+            lines.append(_wrap(f"{name}: {docs.get(f.name, '')}".rstrip(": "), width, "  ", "      "))
+            lines.append(describe_config(sub, prefix=name + ".", width=width))
+            continue
+        lines.append(field_line(name, hints[f.name], f"default {_shown(_default_of(f))}", docs.get(f.name, "")))
     return "\n".join(lines)
 
+
+def _describe_sections(cls, prefix, names, shared, width, field_line) -> list[str]:
+    """The block of sections sharing ``shared``: common fields once (defaults per section), then each section's own."""
+    instances = {n: _default_of(next(f for f in dataclasses.fields(cls) if f.name == n)) for n in names}
+    docs = field_docs(cls)
+    base_names = [f.name for f in dataclasses.fields(shared) if f.init]
+    base_hints = field_types(shared)
+    base_docs = field_docs(shared)
+    section = "SECTION"
+    example = f"{prefix}{names[0]}.{base_names[0]}"
+    lines = [_wrap(
+        f"fields of every section {', '.join(prefix + n for n in names)} (set as {section}.FIELD, e.g. {example}=...):",
+        width, "  ", "  ",
+    )]
+    for field_name in base_names:
+        values = {n: _shown(getattr(instances[n], field_name)) for n in names}
+        if len(set(values.values())) == 1:
+            default = f"default {next(iter(values.values()))}"
+        else:
+            default = "defaults: " + ", ".join(f"{n} {v}" for n, v in values.items())
+        lines.append(field_line(f"{section}.{field_name}", base_hints[field_name], default, base_docs.get(field_name, "")))
+    for n in names:
+        sub = type(instances[n])
+        lines.append(_wrap(f"{prefix}{n}: {docs.get(n, '')}".rstrip(": "), width, "  ", "      "))
+        own_hints = field_types(sub)
+        own_docs = field_docs(sub)
+        for f in dataclasses.fields(sub):
+            if f.init and f.name not in base_names:
+                default = f"default {_shown(_default_of(f))}"
+                lines.append(field_line(f"{prefix}{n}.{f.name}", own_hints[f.name], default, own_docs.get(f.name, "")))
+    return lines

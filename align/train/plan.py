@@ -202,13 +202,19 @@ def _spec_from_hub(repo_id: str, offline: bool, revision: str | None) -> ModelSp
 # settings
 # ---------------------------------------------------------------------------------------------
 def parse_memory(value: str | float | int) -> float:
-    """'24GB', '24 GiB', '24000MB' or a number of GB -> GB (binary units: 1 GB = 2**30 bytes)."""
+    """'24GB', '24 GiB', '24000MB', '1TB' -> GB (binary units: 1 GB = 2**30 bytes); a Python number is GB.
+
+    A string needs its unit: '24' could be GB or MB, so it is refused with the two readings.
+    """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(gb|gib|g|mb|mib|m|tb|tib|t)?\s*", str(value).lower())
+    text = str(value).strip().lower()
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(gb|gib|g|mb|mib|m|tb|tib|t)?", text)
     if not match:
-        raise ConfigError(f"memory budget {value!r} is not understood; accepted: a size such as 24GB, 80GiB or 16000MB")
-    number, unit = float(match.group(1)), (match.group(2) or "gb")[0]
+        raise ConfigError(f"memory size {value!r} is not understood; accepted: a size with its unit such as 24GB, 80GiB or 16000MB")
+    if match.group(2) is None:
+        raise ConfigError(f"memory size {value!r} has no unit; write {match.group(1)}GB or {match.group(1)}MB")
+    number, unit = float(match.group(1)), match.group(2)[0]
     return number * {"g": 1.0, "m": 1.0 / 1024, "t": 1024.0}[unit]
 
 

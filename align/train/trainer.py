@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from align.core.config import save_config, to_dict
 from align.core.errors import AlignError, ConfigError, check_choice, check_device, check_range
 from align.core.lora import LoRAConfig, adapters_disabled, add_lora, save_lora, trainable_parameters
+from align.core.paths import check_output_dir
 from align.train.checkpoint import (
     CheckpointManager,
     atomic_directory,
@@ -151,8 +152,7 @@ class TrainConfig:
         check_range("monitor_patience", self.monitor_patience, 0, None, integer=True)
         check_range("monitor_tolerance", self.monitor_tolerance, 0.0, None)
         check_device("device", self.device)
-        if not self.output_dir:
-            raise ConfigError("output_dir='' is empty; give a folder for the run")
+        check_output_dir("output_dir", self.output_dir)
         if self.method_config.kl_weight > 0 and not self.lora.enabled:
             raise ConfigError(
                 f"{self.method}.kl_weight={self.method_config.kl_weight} needs LoRA (the frozen model is the "

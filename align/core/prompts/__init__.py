@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from align.core.errors import AlignError
+from align.core.paths import is_file, user_path
 
 _HERE = Path(__file__).resolve().parent
 
@@ -48,11 +49,10 @@ def load_prompts(spec: str | Sequence[str]) -> list[str]:
 
         return list(shapes.TRAIN_PROMPTS if spec == "shapes" else shapes.HELDOUT_PROMPTS)
     shipped = _HERE / f"{spec}.txt"
-    if shipped.is_file():
+    if "/" not in spec and is_file(shipped):
         return read_prompt_file(shipped)
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return read_prompt_file(path)
+    if is_file(spec):
+        return read_prompt_file(user_path(spec))
     raise AlignError(
         f"prompts={spec!r} is neither a named prompt set nor an existing file; named sets: "
         f"{', '.join(named_prompt_sets())}; or give a path to a text file with one prompt per line"
