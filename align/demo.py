@@ -192,7 +192,8 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
         {"batch reward": (steps, rewards_per_step), "moving average (5)": (steps, moving_average(rewards_per_step, 5))},
         title=f"DRaFT-K training reward ({train_reward.name})", xlabel="optimiser step", ylabel="reward",
     )
-    fidelity = _prompt_fidelity(eval_prompts, before, after)
+    fidelity_before = _prompt_fidelity(eval_prompts, before)
+    fidelity = None if fidelity_before is None else (fidelity_before, _prompt_fidelity(eval_prompts, after))
     finetune = {
         "reward": train_reward.name,
         "base_mean": float(r_before.mean()),
@@ -329,7 +330,11 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
             generator=gen, output_type="pt",
         )
         r = res.rewards.float()
-        sweep_rows.append({"w": float(weight), "mean reward": float(r.mean()), "std": float(r.std())})
+        row = {"w": float(weight), "mean reward": float(r.mean()), "std": float(r.std())}
+        fidelity_w = _prompt_fidelity([p for p in guide_prompts for _ in range(config.guide_seeds)], res.images)
+        if fidelity_w is not None:
+            row["prompt fidelity"] = fidelity_w
+        sweep_rows.append(row)
         sweep_images.append(res.images[:: config.guide_seeds][: min(8, len(guide_prompts))])
     grid = torch.cat(sweep_images)
     save_png(make_grid(grid, ncols=sweep_images[0].shape[0]), report_dir / "guidance_sweep.png", scale=scale)
@@ -341,6 +346,15 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
         title="RL guidance: reward vs w (0 base, 1 fine-tuned, >1 extrapolated)", xlabel="w", ylabel="mean reward",
         markers=True,
     )
+    figures = [Figure("guidance_sweep.png", "rows: w = " + ", ".join(f"{x:g}" for x in ws)),
+               Figure("reward_vs_w.png", "mean reward vs w (band: standard error)")]
+    if "prompt fidelity" in sweep_rows[0]:
+        plot_lines(
+            report_dir / "fidelity_vs_w.png", {"prompt fidelity": (ws, [row["prompt fidelity"] for row in sweep_rows])},
+            title="RL guidance: prompt fidelity vs w", xlabel="w", ylabel="fraction of images that follow the prompt",
+            markers=True,
+        )
+        figures.append(Figure("fidelity_vs_w.png", "prompt fidelity vs w (the shapes classifier)"))
     # "rising": the trend over the sweep (rank correlation), not every adjacent pair, since at
     # w > 1 extrapolation can saturate or overshoot within the noise of a few samples
     spearman = _spearman(ws, means)
@@ -352,15 +366,17 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
         "monotone": bool(all(b >= a for a, b in zip(means, means[1:]))),
         "rising_with_w": bool(spearman >= 0.8 and means[-1] > means[0]),
     }
+    if "prompt fidelity" in sweep_rows[0]:
+        summary["guidance"]["prompt_fidelity"] = [row["prompt fidelity"] for row in sweep_rows]
     sections.append(
         Section(
             "3. RL guidance: one knob from base to aligned and beyond",
             "v = v_base + w (v_aligned - v_base) per step, base and aligned being the same network with the LoRA of "
             "part 1 off and on (one batched forward per step). Each row of the grid is one w, top to bottom "
             f"{', '.join(f'{x:g}' for x in ws)}; the columns share prompts and seeds. Mean reward rises with w "
-            f"(Spearman rank correlation {spearman:.2f}; {'monotone' if summary['guidance']['monotone'] else 'not strictly monotone'}).",
-            [Figure("guidance_sweep.png", "rows: w = " + ", ".join(f"{x:g}" for x in ws)),
-             Figure("reward_vs_w.png", "mean reward vs w (band: standard error)")],
+            f"(Spearman rank correlation {spearman:.2f}; {'monotone' if summary['guidance']['monotone'] else 'not strictly monotone'})."
+            f"\n\n{_over_optimisation_text(sweep_rows, train_reward.name)}",
+            figures,
             sweep_rows,
         )
     )
@@ -383,9 +399,9 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
     return summary
 
 
-def _prompt_fidelity(prompts: list[str], before: torch.Tensor, after: torch.Tensor) -> tuple[float, float] | None:
-    """Fraction of images the shapes classifier reads as their prompt, before and after; None
-    when the prompts are not shapes prompts (another model)."""
+def _prompt_fidelity(prompts: list[str], images: torch.Tensor) -> float | None:
+    """Fraction of images the shapes classifier reads as their prompt (shape, colour and background);
+    None when the prompts are not shapes prompts (another model)."""
     from align.builtin import shapes_world as shapes
     from align.core.errors import AlignError
 
@@ -393,9 +409,30 @@ def _prompt_fidelity(prompts: list[str], before: torch.Tensor, after: torch.Tens
         scenes = [shapes.parse_prompt(p) for p in prompts]
     except AlignError:
         return None
+    return shapes.agreement(scenes, shapes.classify(images))["all"]
+
+
+def _over_optimisation_text(rows: list[dict[str, Any]], reward: str) -> str:
+    """What the guidance sweep's images show, in words: where prompt fidelity falls while the reward rises."""
+    if "prompt fidelity" not in rows[0]:
+        return (
+            "Beyond w = 1 the blend extrapolates past the fine-tuned model; look at the top rows of the grid for "
+            f"over-optimisation: '{reward}' keeps rising while the images lose what the prompt asks for."
+        )
+    base = rows[0]["prompt fidelity"]
+    fallen = [r for r in rows if r["prompt fidelity"] < base - 0.2]
+    if not fallen:
+        return (
+            f"Prompt fidelity (the shapes classifier agrees on shape, colour and background) stays within 20 points of "
+            f"w = {rows[0]['w']:g}'s {base:.0%} over the whole sweep: no sign of over-optimisation at these weights."
+        )
+    first, worst = fallen[0], min(rows, key=lambda r: r["prompt fidelity"])
     return (
-        shapes.agreement(scenes, shapes.classify(before))["all"],
-        shapes.agreement(scenes, shapes.classify(after))["all"],
+        f"What the images show: from w = {first['w']:g} on, the shapes fade into the background. Prompt fidelity "
+        f"(the shapes classifier agrees on shape, colour and background) falls from {base:.0%} at w = {rows[0]['w']:g} "
+        f"to {worst['prompt fidelity']:.0%} at w = {worst['w']:g} while '{reward}' keeps rising: extrapolating past "
+        "the fine-tuned model over-optimises the reward (reward hacking). Weights between 0 and 1 interpolate "
+        "without this; above 1, check the images, not only the reward."
     )
 
 

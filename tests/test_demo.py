@@ -61,8 +61,22 @@ def test_prompt_fidelity_reads_rendered_scenes():
     scenes = shapes.sample_scenes(6, 0)
     images = shapes.render(scenes, size=64, seed=0)
     prompts = [s.prompt for s in scenes]
-    assert _prompt_fidelity(prompts, images, images.flip(0)) == (1.0, 0.0)
-    assert _prompt_fidelity(["a cat"] * 6, images, images) is None
+    assert _prompt_fidelity(prompts, images) == 1.0
+    assert _prompt_fidelity(prompts, images.flip(0)) == 0.0
+    assert _prompt_fidelity(["a cat"] * 6, images) is None
+
+
+def test_guidance_sweep_text_says_when_shapes_vanish():
+    from align.demo import _over_optimisation_text
+
+    rows = [{"w": w, "mean reward": r, "prompt fidelity": f}
+            for w, r, f in ((0.0, 0.5, 1.0), (1.0, 0.6, 0.95), (1.5, 0.7, 0.6), (2.0, 0.72, 0.25))]
+    text = _over_optimisation_text(rows, "saturation")
+    assert "from w = 1.5 on" in text and "100% at w = 0 to 25% at w = 2" in text and "reward hacking" in text
+    steady = [dict(r, **{"prompt fidelity": 0.9}) for r in rows]
+    assert "no sign of over-optimisation" in _over_optimisation_text(steady, "saturation")
+    no_classifier = [{k: v for k, v in r.items() if k != "prompt fidelity"} for r in rows]
+    assert "look at the top rows" in _over_optimisation_text(no_classifier, "saturation")
 
 
 @pytest.mark.slow
@@ -71,3 +85,4 @@ def test_full_demo_on_the_builtin_model(tmp_path):
     summary = run_demo(DemoConfig(output_dir=str(tmp_path / "demo")), progress=False)
     assert all(summary["checks"].values()), summary["checks"]
     assert summary["finetune"]["prompt_fidelity_base"] >= 0.9
+    assert len(summary["guidance"]["prompt_fidelity"]) == len(summary["guidance"]["weights"])
