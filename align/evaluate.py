@@ -1,10 +1,12 @@
 """Sampling to a folder and scoring images with several rewards (``align sample``, ``align eval``).
 
 A sample folder holds PNG images, ``metadata.jsonl`` (one ``{"file_name", "prompt", "seed"}``
-line per image, the Hugging Face image-folder convention) and ``grid.png``.  ``align eval``
+line per image, the Hugging Face image-folder convention), ``sampling.json`` (the model, the LoRA and
+every sampling setting) and ``grid.png``.  ``align eval``
 scores such a folder (or any folder of images: prompts from ``metadata.jsonl``, else the file
 names), or samples a model on a prompt set first, and writes ``scores.csv``, ``scores.json``
-(per-image scores and per-reward mean / std / min / max) and ``grid.png``.
+(per-image scores, per-reward mean / std / min / max, and what was scored: the model and LoRA, from
+the sample folder's ``sampling.json`` when a folder is scored) and ``grid.png``.
 """
 
 from __future__ import annotations
@@ -143,8 +145,21 @@ def sample_to_folder(config: SampleConfig, model=None, progress: bool = True) ->
         save_png(arr, out / name)
         records.append({"file_name": name, "prompt": prompt, "seed": seed})
     (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / SAMPLING_RECORD).write_text(json.dumps(sampling_record(config, model), indent=2))
     save_png(make_grid(images, ncols=min(8, len(jobs))), out / "grid.png", scale=max(1, 128 // images.shape[-1]))
     return out, records, images
+
+
+SAMPLING_RECORD = "sampling.json"
+
+
+def sampling_record(config: SampleConfig, model) -> dict[str, Any]:
+    """What produced a sample folder: the model as named and as loaded, the LoRA, every sampling setting."""
+    from align.core.config import to_dict
+
+    settings = {k: v for k, v in to_dict(config).items() if k not in ("output_dir", "device", "offline")}
+    return {"model": config.model, "model_path": str(model.source) if model.source else None,
+            "family": model.family, "lora": config.lora, "settings": settings}
 
 
 def read_image_folder(folder: str | Path) -> tuple[Tensor, list[str], list[str]]:
@@ -216,8 +231,10 @@ def summarize(scores: dict[str, Tensor]) -> dict[str, dict[str, float]]:
     return out
 
 
-def write_table(out_dir: Path, files: list[str], prompts: list[str], scores: dict[str, Tensor]) -> dict[str, Any]:
-    """scores.csv (one row per image) and scores.json (rows + per-reward summary)."""
+def write_table(
+    out_dir: Path, files: list[str], prompts: list[str], scores: dict[str, Tensor], scored: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """scores.csv (one row per image) and scores.json (what was scored, per-reward summary, rows)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(scores)
     rows = []
@@ -227,7 +244,7 @@ def write_table(out_dir: Path, files: list[str], prompts: list[str], scores: dic
         writer = csv.DictWriter(fh, fieldnames=["file_name", "prompt", *names])
         writer.writeheader()
         writer.writerows(rows)
-    table = {"summary": summarize(scores), "images": rows}
+    table = {"scored": scored or {}, "summary": summarize(scores), "images": rows}
     (out_dir / "scores.json").write_text(json.dumps(table, indent=2))
     return table
 
@@ -239,6 +256,11 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     out = Path(config.output_dir)
     if config.images is not None:
         images, prompts, files = read_image_folder(config.images)
+        record = Path(config.images) / SAMPLING_RECORD
+        scored = {"images": str(config.images), "model": None, "lora": None}
+        if record.is_file():  # a folder written by `align sample`: it says which model and LoRA drew it
+            produced = json.loads(record.read_text())
+            scored.update(model=produced.get("model"), lora=produced.get("lora"), sampling=produced)
     else:
         sample_dir = out / "images"
         sample_cfg = SampleConfig(**{k: getattr(config, k) for k in SampleConfig.__dataclass_fields__ if k != "output_dir"},
@@ -246,7 +268,9 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         _, records, images = sample_to_folder(sample_cfg, progress=progress)
         prompts = [r["prompt"] for r in records]
         files = [f"images/{r['file_name']}" for r in records]
+        scored = {"images": str(sample_dir), "model": config.model, "lora": config.lora,
+                  "sampling": json.loads((sample_dir / SAMPLING_RECORD).read_text())}
     scores = score_images(images, prompts, list(config.rewards), config.reward_batch_size)
-    table = write_table(out, files, prompts, scores)
+    table = write_table(out, files, prompts, scores, scored)
     save_png(make_grid(images, ncols=min(8, len(files))), out / "grid.png", scale=max(1, 128 // images.shape[-1]))
     return table

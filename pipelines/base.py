@@ -98,6 +98,17 @@ class SteeringPipelineBase(DiffusionPipeline):
         )
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``from_pretrained``, also accepting ``"builtin"`` (the model shipped with the package),
+        as every other entry point of the toolkit does."""
+        from align.core.models import BUILTIN_MODELS, resolve_model
+
+        name = pretrained_model_name_or_path
+        if isinstance(name, str) and name in BUILTIN_MODELS:
+            name = resolve_model(name)
+        return super().from_pretrained(name, **kwargs)
+
+    @classmethod
     def from_pipe(cls, pipeline, **kwargs):
         """diffusers' ``from_pipe``, keeping the source pipeline's dtype unless ``torch_dtype`` is given
         (diffusers would cast the shared components to float32)."""

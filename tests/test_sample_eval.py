@@ -31,6 +31,7 @@ def test_sample_then_eval_folder(model_dir, tmp_path):
     proc = _cli("sample", "-q", f"model={model_dir}", "prompts=[a red circle, a blue square]", "images_per_prompt=2",
                 "num_steps=3", f"output_dir={out}")
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("4 images written to")
     records = [json.loads(x) for x in (out / "metadata.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["a red circle"] * 2 + ["a blue square"] * 2
     assert [r["seed"] for r in records] == [0, 1, 0, 1]
@@ -47,6 +48,10 @@ def test_sample_then_eval_folder(model_dir, tmp_path):
     summary = json.loads((tmp_path / "ev" / "scores.json").read_text())["summary"]
     assert summary["brightness"]["mean"] == pytest.approx(float(expected.mean()), abs=1e-6)
     assert summary["jpeg_compressibility"]["count"] == 4 and summary["jpeg_compressibility"]["mean"] < 0
+    # scores.json says what was scored: the sample folder's own record of its model and LoRA
+    scored = json.loads((tmp_path / "ev" / "scores.json").read_text())["scored"]
+    assert scored["model"] == str(model_dir) and scored["lora"] is None and scored["images"] == str(out)
+    assert scored["sampling"]["settings"]["num_steps"] == 3 and scored["sampling"]["family"] == "sd"
 
 
 def test_eval_samples_a_model(model_dir, tmp_path):
@@ -55,6 +60,7 @@ def test_eval_samples_a_model(model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     table = json.loads((tmp_path / "ev" / "scores.json").read_text())
     assert table["summary"]["saturation"]["count"] == 3
+    assert table["scored"]["model"] == str(model_dir) and table["scored"]["lora"] is None
     assert len(list((tmp_path / "ev" / "images").glob("0*.png"))) == 3
 
 

@@ -57,6 +57,11 @@ def config_epilog(cls, title: str) -> str:
     return f"{title}\n{describe_config(cls)}"
 
 
+def plural(count: int, noun: str) -> str:
+    """'1 image', '3 images'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def quiet_libraries() -> None:
     """Silence the loading progress bars and info logs of diffusers and transformers."""
     import diffusers

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from align.commands.common import add_config_command, resolve_config
+from align.commands.common import add_config_command, plural, resolve_config
 
 #: the override example shown in --help (tests check that it is accepted)
 EXAMPLE = "prompts=shapes_heldout images_per_prompt=4 guidance_scale=5.0"
@@ -30,5 +30,5 @@ def run(args: argparse.Namespace) -> int:
     if config is None:
         return 0
     out, records, _ = sample_to_folder(config, progress=not args.quiet)
-    print(f"{len(records)} images written to {out} (grid: {out / 'grid.png'})")
+    print(f"{plural(len(records), 'image')} written to {out} (grid: {out / 'grid.png'})")
     return 0
