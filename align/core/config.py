@@ -230,9 +230,64 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Load dataclass ``cls`` from an optional YAML file, then apply ``key=value`` overrides."""
-    data = read_yaml(path) if path is not None else {}
-    return from_dict(cls, apply_overrides(data, overrides))
+    """Load dataclass ``cls`` from an optional YAML file, then apply ``key=value`` overrides.
+
+    The config remembers which fields the file and the overrides set (:func:`explicit_fields`), so
+    that defaults a model recommends never replace what the user chose.
+    """
+    data = apply_overrides(read_yaml(path) if path is not None else {}, overrides)
+    config = from_dict(cls, data)
+    _mark_explicit(config, _dotted_keys(data))
+    return config
+
+
+_EXPLICIT = "_explicit_fields"
+
+
+def _dotted_keys(data: Mapping[str, Any], prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        keys.add(dotted)
+        if isinstance(value, Mapping):
+            keys |= _dotted_keys(value, dotted + ".")
+    return keys
+
+
+def _mark_explicit(config: Any, keys: set[str]) -> None:
+    object.__setattr__(config, _EXPLICIT, frozenset(keys))
+
+
+def explicit_fields(config: Any) -> frozenset[str] | None:
+    """Dotted names of the fields the user set, for configs made by :func:`load_config` (None when unknown:
+    a config constructed directly in Python)."""
+    return getattr(config, _EXPLICIT, None)
+
+
+def replace_config(config: T, **changes: Any) -> T:
+    """``dataclasses.replace`` that keeps the record of explicitly set fields (and adds ``changes``)."""
+    new = dataclasses.replace(config, **changes)
+    known = explicit_fields(config)
+    if known is not None:
+        _mark_explicit(new, set(known) | set(changes))
+    return new
+
+
+def is_explicit(config: Any, dotted: str) -> bool:
+    """Whether the user set field ``dotted`` (e.g. ``draft.learning_rate``) of ``config``.
+
+    Known exactly for configs from :func:`load_config`; for a config built in Python, a field that
+    differs from its default counts as set (one equal to its default cannot be told apart).
+    """
+    known = explicit_fields(config)
+    if known is not None:
+        return dotted in known
+    *path, name = dotted.split(".")
+    owner = config
+    for part in path:
+        owner = getattr(owner, part)
+    default = next(f for f in dataclasses.fields(owner) if f.name == name)
+    return getattr(owner, name) != _default_of(default)
 
 
 def save_config(config: Any, path: str | Path) -> None:
