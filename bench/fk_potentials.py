@@ -1,8 +1,10 @@
 """How fast each FK potential approaches the reward-tilted target as the particles grow.
 
 On the analytic 1-D Gaussian mixture of :mod:`align.builtin.toy` (the data law p with its exact
-denoiser) and the linear reward r(x) = x, the tilted target p(x) exp(lambda r(x)) / Z is again a
-mixture, so its mean and variance are known in closed form.  For every tilt lambda, potential and
+denoiser) and the linear reward r(x) = x (``--reward quadratic``: r(x) = -(x - c)^2 / 2), the tilted
+target p(x) exp(lambda r(x)) / Z is again a mixture, so its mean and variance are known in closed
+form.  For the linear reward the intermediate reward of the decoded x0-prediction,
+r(E[x0 | x_t]) = E[r(x0) | x_t], is the exact look-ahead; for the quadratic one it is not.  For every tilt lambda, potential and
 number k of particles per prompt, :func:`align.steer.fk.fk_sample` runs G independent prompt groups
 (G * k = ``--total-particles``), and the figures describe the law of what FK returns for one prompt,
 one of its k final particles picked by its weight (:func:`align.builtin.toy.weighted_law_moments`):
@@ -22,9 +24,10 @@ The sampler is DDIM with eta = 1 (the FK paper's), potentials at 20%, 40%, 60% a
 steps (the paper's [20, 80] every 20 of 100, scaled to ``--steps``), systematic resampling at
 every potential step.  One torch thread; about three minutes of one CPU core with the defaults.
 
-Example::
+Examples::
 
     python bench/fk_potentials.py --out bench/results/fk_potentials.json
+    python bench/fk_potentials.py --reward quadratic --lambdas 4 --out bench/results/fk_potentials_quadratic.json
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def fk_config(potential: str, lam: float, k: int, seed: int, steps: int):
     )
 
 
-def law_figures(samples: Tensor, log_weights: Tensor, lam: float) -> dict[str, float]:
+def law_figures(samples: Tensor, log_weights: Tensor, reward, lam: float) -> dict[str, float]:
     """Bias, variance ratio and ESS / k of 'one particle per group, picked by weight' against the exact tilt.
 
     ``samples`` [G, k] (1-D), ``log_weights`` [G, k] normalised per group.
@@ -70,7 +73,7 @@ def law_figures(samples: Tensor, log_weights: Tensor, lam: float) -> dict[str, f
     from align.builtin.toy import weighted_law_moments
     from align.steer.resampling import effective_sample_size
 
-    target = _reward().tilt(_mixture(), lam)
+    target = reward.tilt(_mixture(), lam)
     mean, variance = weighted_law_moments(samples, log_weights)
     return {
         "bias": mean - float(target.mean()[0]),
@@ -85,13 +88,14 @@ def _mixture():
     return GaussianMixture.create(**MIXTURE)
 
 
-def _reward():
-    from align.builtin.toy import LinearReward
+def make_reward(name: str, center: float):
+    """The linear reward r(x) = x, or the quadratic r(x) = -(x - center)^2 / 2."""
+    from align.builtin.toy import LinearReward, QuadraticReward
 
-    return LinearReward([1.0])
+    return LinearReward([1.0]) if name == "linear" else QuadraticReward([center])
 
 
-def run_fk(potential: str, lam: float, k: int, groups: int, seed: int, steps: int):
+def run_fk(reward, potential: str, lam: float, k: int, groups: int, seed: int, steps: int):
     """One FK run of ``groups`` prompt groups of ``k`` particles: (samples [G, k], log-weights [G, k], seconds)."""
     from align.builtin.toy import MixtureDenoiser, toy_scheduler
     from align.core.sampling import SamplingSchedule
@@ -100,7 +104,7 @@ def run_fk(potential: str, lam: float, k: int, groups: int, seed: int, steps: in
     scheduler = toy_scheduler("ddim")
     schedule = SamplingSchedule.from_scheduler(scheduler, steps, eta=1.0)
     began = time.perf_counter()
-    result = fk_sample(MixtureDenoiser(_mixture(), scheduler), schedule, _reward(), fk_config(potential, lam, k, seed, steps),
+    result = fk_sample(MixtureDenoiser(_mixture(), scheduler), schedule, reward, fk_config(potential, lam, k, seed, steps),
                        sample_shape=(1,), num_prompts=groups, dtype=torch.float64)
     return result.samples.view(groups, k), result.log_weights, time.perf_counter() - began
 
@@ -120,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--potentials", nargs="+", default=sorted(POTENTIALS), choices=sorted(POTENTIALS))
+    parser.add_argument("--reward", default="linear", choices=("linear", "quadratic"))
+    parser.add_argument("--center", type=float, default=0.0, help="c of the quadratic reward")
     parser.add_argument("--lambdas", type=float, nargs="+", default=LAMBDAS, help="tilt strengths lambda")
     parser.add_argument("--particles", type=int, nargs="+", default=PARTICLES, help="particles per prompt k")
     parser.add_argument("--total-particles", type=int, default=16384, help="G * k per run (G prompt groups)")
@@ -133,20 +139,22 @@ def main(argv: list[str] | None = None) -> int:
 
     payload = new_payload("fk_potentials", __file__, argv, "cpu", args.threads)
     payload["setup"] = {
-        "mixture": MIXTURE, "reward": "linear r(x) = x", "sampler": "ddim eta=1", "steps": args.steps,
+        "mixture": MIXTURE, "reward": "r(x) = x" if args.reward == "linear" else f"r(x) = -(x - {args.center:g})^2 / 2",
+        "sampler": "ddim eta=1", "steps": args.steps,
         "potential_steps": fk_config("max", 1.0, 1, 0, args.steps).potential_steps(args.steps),
         "resampler": "systematic", "total_particles": args.total_particles, "limit_particles": args.limit_particles,
         "seeds": args.seeds,
     }
     seeds = range(args.seeds)
+    reward = make_reward(args.reward, args.center)
     began = time.perf_counter()
     # the sampler's own law tilted by exact weights: FK's k -> infinity limit, with its standard error
-    base = torch.cat([run_fk("max", 0.0, args.limit_particles, 1, seed, args.steps)[0] for seed in seeds], 1)
+    base = torch.cat([run_fk(reward, "max", 0.0, args.limit_particles, 1, seed, args.steps)[0] for seed in seeds], 1)
     for lam in args.lambdas:
-        log_w = torch.log_softmax(lam * _reward()(base.view(-1, 1)).view(1, -1), -1)
-        figures = law_figures(base, log_w, lam)
+        log_w = torch.log_softmax(lam * reward(base.view(-1, 1)).view(1, -1), -1)
+        figures = law_figures(base, log_w, reward, lam)
         ess = figures["ess_fraction"] * base.numel()
-        target_variance = float(_reward().tilt(_mixture(), lam).variance()[0])
+        target_variance = float(reward.tilt(_mixture(), lam).variance()[0])
         payload["rows"].append({"kind": "limit", "lambda": lam, "particles": base.numel(), **figures,
                                 "bias_standard_error": (figures["variance_ratio"] * target_variance / ess) ** 0.5})
     for lam in args.lambdas:
@@ -155,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                 groups = max(1, args.total_particles // k)
                 runs = []
                 for seed in seeds:
-                    samples, log_w, seconds = run_fk(potential, lam, k, groups, seed, args.steps)
-                    runs.append({**law_figures(samples, log_w, lam), "seconds": seconds})
+                    samples, log_w, seconds = run_fk(reward, potential, lam, k, groups, seed, args.steps)
+                    runs.append({**law_figures(samples, log_w, reward, lam), "seconds": seconds})
                 row = {"kind": "fk", "lambda": lam, "potential": potential, "particles": k, "groups": groups,
                        **summarise(runs)}
                 payload["rows"].append(row)
