@@ -280,3 +280,26 @@ def test_composites_keep_a_component_crash_and_drop_its_transient_faults():
     total = WeightedSum({"judge": (down, 1.0), "brightness": (build_reward("brightness"), 1.0)}, on_invalid="drop")
     out = total.score(images)
     assert not out.valid.any() and total.dropped == 2
+
+
+def test_steering_stops_at_a_reward_crash_and_drops_a_transient_fault():
+    from align.builtin.toy import GaussianMixture, MixtureDenoiser, toy_scheduler
+    from align.core.sampling import SamplingSchedule
+    from align.steer.fk import FKConfig, fk_sample
+
+    scheduler = toy_scheduler("ddim")
+    denoiser = MixtureDenoiser(GaussianMixture.create([1.0], [[0.0]], [1.0]), scheduler)
+    schedule = SamplingSchedule.from_scheduler(scheduler, 10, eta=1.0)
+
+    def steer(reward):
+        config = FKConfig(num_particles=4, lambda_=1.0, resample_start=2, resample_end=8, resample_interval=2)
+        return fk_sample(denoiser, schedule, reward, config, sample_shape=(1,), num_prompts=2, dtype=torch.float64,
+                         decode_fn=lambda x: torch.sigmoid(x.float()).view(-1, 1, 1, 1).expand(-1, 3, 4, 4))
+
+    error = AttributeError("'NoneType' object has no attribute 'encode'")
+    with pytest.raises(RewardCrash, match=r"^reward 'raises' raised AttributeError") as info:
+        steer(Raises(error, on_invalid="drop"))
+    assert info.value.__cause__ is error
+    flaky = Scripted(failures=1, retries=1, retry_backoff=0.0)  # the first call fails, its retry answers
+    result = steer(flaky)
+    assert torch.isfinite(result.rewards).all() and flaky.dropped == 0  # the retry cured the fault
