@@ -10,9 +10,9 @@ reward declares urllib's and http.client's network errors in ``transient_errors`
 ``retries`` times with exponential backoff (``retry_backoff * 2**attempt`` seconds); a sample that
 still fails raises a :class:`~align.core.errors.RewardUnavailable` naming the endpoint and the
 reason, or with ``on_invalid="drop"`` is dropped and counted.  Other HTTP 4xx (bad key, bad
-model) raise a :class:`RewardError` at once, in either mode: no retry cures them.  Answers are cached in
-memory, and on disk with ``cache_dir``, keyed by a hash of the PNG, the prompt, the rubric and
-the model.  Only the standard library talks to the server.
+model) raise a :class:`RewardError` at once, in either mode: no retry cures them.  Answers are
+cached in memory, and on disk with ``cache_dir``, keyed by a hash of the PNG, the prompt, the
+rubric and the model.  Only the standard library talks to the server.
 """
 
 from __future__ import annotations
