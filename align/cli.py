@@ -3,7 +3,9 @@
 Each subcommand lives in ``align/commands/<name>.py`` and provides ``add_parser(subparsers)``
 (which sets ``func`` on its parser) without importing heavy libraries at module level, so that
 ``align --help`` is quick.  A user error (:class:`align.core.errors.AlignError`) prints one line and
-exits with status 2, without a traceback.
+exits with status 2, without a traceback.  A reward that crashed (:class:`align.core.errors.RewardCrash`:
+a bug in the reward's code, or out of memory) is a bug, not a wrong input: the reward's own
+traceback is printed above the one-line message, and the status is 1.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 
 #: subcommand name -> module under align.commands
 COMMANDS: dict[str, str] = {
@@ -48,10 +51,17 @@ def main(argv: list[str] | None = None) -> int:
 
     # the libraries' own loading bars and info logs drown the toolkit's progress bars
     quiet_libraries()
-    from align.core.errors import AlignError
+    from align.core.errors import AlignError, RewardCrash
 
     try:
         return int(args.func(args) or 0)
+    except RewardCrash as exc:
+        # Fixing a bug needs its file and line, and rerunning with a flag to see them could cost the
+        # hours a run took to reach the crash; the reward's frames only (the chained cause), then the line.
+        if exc.__cause__ is not None:
+            traceback.print_exception(exc.__cause__, file=sys.stderr)
+        print(f"align {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except AlignError as exc:
         print(f"align {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -294,6 +294,51 @@ def plan_presets_table(payload: dict[str, Any]) -> str:
                       "total, GB", "fits 24 GB / 80 GB at K=1 (largest batch, largest K)"], rows))
 
 
+def _spread(figure: dict[str, Any], digits: int, sign: str = "") -> str:
+    return f"{figure['mean']:{sign}.{digits}f} ± {figure['std']:.{digits}f}"
+
+
+def fk_potentials_tables(payload: dict[str, Any]) -> str:
+    """Bias, variance ratio and ESS/k of each FK potential by tilt and particles, beside the k -> infinity limit."""
+    setup = payload["setup"]
+    rows = [r for r in payload["rows"] if r["kind"] == "fk"]
+    limits = {r["lambda"]: r for r in payload["rows"] if r["kind"] == "limit"}
+    particles = sorted({r["particles"] for r in rows})
+    by = {(r["lambda"], r["potential"], r["particles"]): r for r in rows}
+    keys = sorted({(r["lambda"], r["potential"]) for r in rows})
+    mixture = " + ".join(f"{w:g} N({m[0]:g}, {sd:g}^2)" for w, m, sd in
+                         zip(setup["mixture"]["weights"], setup["mixture"]["means"], setup["mixture"]["stds"]))
+    out = [_machine(payload), "",
+           f"Data {mixture}, reward {setup['reward']}, {setup['sampler']} with {setup['steps']} steps, potentials at steps "
+           f"{setup['potential_steps']}, {setup['resampler']} resampling; {setup['total_particles']} particles per run "
+           f"(G = {setup['total_particles']} / k prompt groups), mean ± standard deviation over {setup['seeds']} seeds. "
+           f"Last column: the k -> infinity limit of every potential, the sampler's own law tilted by exact weights "
+           f"({setup['limit_particles']} draws per seed, pooled; ± its standard error).", ""]
+
+    def cells(lam: float, potential: str, key: str, digits: int) -> list[str]:
+        sign = "+" if key == "bias" else ""
+        return [_spread(by[(lam, potential, k)][key], digits, sign) if (lam, potential, k) in by else "-" for k in particles]
+
+    def limit(lam: float, key: str, digits: int) -> list[str]:
+        row = limits.get(lam)
+        if row is None:
+            return []
+        if key == "bias":
+            return [f"{row[key]:+.{digits}f} ± {row['bias_standard_error']:.{digits}f}"]
+        return [f"{row[key]:.{digits}f}"]
+
+    head = ["lambda", "potential"] + [f"k = {k}" for k in particles]
+    tail = ["k -> infinity"] if limits else []
+    out += ["**Bias of the mean: FK's law minus the exact tilted target**", "",
+            _table(head + tail, [[f"{lam:g}", p, *cells(lam, p, "bias", 3), *limit(lam, "bias", 3)] for lam, p in keys]), ""]
+    out += ["**Variance of FK's law over the target's**", "",
+            _table(head + tail, [[f"{lam:g}", p, *cells(lam, p, "variance_ratio", 2), *limit(lam, "variance_ratio", 2)]
+                                 for lam, p in keys]), ""]
+    out += ["**Effective sample size of the final weights over k**", "",
+            _table(head, [[f"{lam:g}", p, *cells(lam, p, "ess_fraction", 3)] for lam, p in keys]), ""]
+    return "\n".join(out)
+
+
 def _load(name: str) -> dict[str, Any] | None:
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -317,6 +362,8 @@ def render(name: str) -> str:
         return tensor_peaks_table(data)
     if data["benchmark"] == "plan_presets":
         return plan_presets_table(data)
+    if data["benchmark"] == "fk_potentials":
+        return fk_potentials_tables(data)
     raise ValueError(f"unknown benchmark {data['benchmark']!r}")
 
 

@@ -7,19 +7,30 @@
 
 Built-in names: see :func:`available_rewards` (and ``rewards/zoo``); third-party rewards are
 found through the ``diffusion_align.rewards`` entry-point group.
+
+Failures: a reward whose service is down raises :class:`RewardUnavailable` (a transient fault,
+like a timeout, a connection error or a non-finite score: retried, then dropped with
+``on_invalid="drop"``); any exception a reward does not declare transient (``transient_errors``)
+becomes a :class:`RewardCrash` that stops the run.
 """
 
-from .base import Reward, RewardOutput, require_differentiable
+from align.core.errors import RewardCrash, RewardError, RewardUnavailable
+
+from .base import TRANSIENT_ERRORS, Reward, RewardOutput, require_differentiable
 from .compose import Ensemble, RunningNorm, TextNorm, WeightedSum
 from .preprocess import ImagePreprocess
 from .registry import ENTRY_POINT_GROUP, available_rewards, build_reward, get_reward_factory, register_reward
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "TRANSIENT_ERRORS",
     "Ensemble",
     "ImagePreprocess",
     "Reward",
+    "RewardCrash",
+    "RewardError",
     "RewardOutput",
+    "RewardUnavailable",
     "RunningNorm",
     "TextNorm",
     "WeightedSum",

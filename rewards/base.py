@@ -13,12 +13,21 @@ Subclasses implement :meth:`Reward._score`; the base class
   says (dropout in a reward model is noise in the reward);
 * moves the reward to the images' device and dtype;
 * evaluates in chunks of ``chunk_size`` images;
-* retries a failing chunk ``retries`` times with exponential backoff and stops waiting after
-  ``timeout`` seconds (for black-box rewards: servers, subprocesses);
-* never returns a silent zero: a chunk that still fails, or a non-finite score, raises a
-  :class:`RewardError` naming the reward (``on_invalid="raise"``, the default) or, with
-  ``on_invalid="drop"``, marks the samples invalid in :class:`RewardOutput` (their score is
-  NaN), counts them in ``dropped`` and logs a warning.
+* tells faults from bugs.  A *transient fault* is a :class:`TimeoutError` (a chunk that takes
+  longer than ``timeout`` seconds is one), a :class:`ConnectionError`, a
+  :class:`~align.core.errors.RewardUnavailable` (what a remote or plugin reward raises when its
+  service is down), an exception type the reward lists in its ``transient_errors`` class
+  attribute, or a non-finite score.  A chunk that fails with a transient fault is retried
+  ``retries`` times with exponential backoff; if it still fails it raises a
+  :class:`~align.core.errors.RewardUnavailable` naming the reward (``on_invalid="raise"``, the
+  default) or, with ``on_invalid="drop"``, its samples are marked invalid in
+  :class:`RewardOutput` (their score is NaN), counted in ``dropped`` and logged.  A non-finite
+  score is not retried (a deterministic reward would return it again).
+* never retries, drops or hides anything else: any other exception (a ``TypeError`` in the
+  reward's code, CUDA or CPU out of memory) raises a :class:`~align.core.errors.RewardCrash` naming
+  the reward with the original exception chained as ``__cause__``, whatever ``on_invalid`` says;
+  an :class:`~align.core.errors.AlignError` the reward raises itself (a bad API key, a bad input)
+  passes through unchanged.  Never a silent zero.
 
 Samples dropped in drop mode carry NaN scores: consumers select ``out.scores[out.valid]``.
 (The gradient of a dropped sample may itself be NaN where its score was; a trainer that keeps
@@ -37,12 +46,22 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from align.core.errors import AlignError, RewardError, check_choice, check_range
+from align.core.errors import (
+    AlignError,
+    RewardCrash,
+    RewardError,
+    RewardUnavailable,
+    check_choice,
+    check_range,
+)
 
 OnInvalid = Literal["raise", "drop"]
 ON_INVALID = ("raise", "drop")
 
 logger = logging.getLogger("rewards")
+
+#: faults every reward may have, retried and then raised or dropped (a reward adds its own in ``transient_errors``)
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, ConnectionError, RewardUnavailable)
 
 
 @dataclass
@@ -112,7 +131,7 @@ def _chunk_output(out, size: int, name: str) -> RewardOutput:
         result = RewardOutput(scores, valid, dict(info))
     if not isinstance(result.scores, Tensor) or result.scores.shape != (size,):
         got = tuple(result.scores.shape) if isinstance(result.scores, Tensor) else type(result.scores).__name__
-        raise RewardError(f"reward {name!r} returned shape {got}; expected [{size}]")
+        raise RewardCrash(f"reward {name!r} returned shape {got}; expected [{size}]")
     return result
 
 
@@ -123,16 +142,20 @@ class Reward(nn.Module):
         name: registry name, used in logs and error messages.
         differentiable: whether gradients of the score reach the pixels.
         chunk_size: images scored per model call (None: the whole batch at once).
-        on_invalid: "raise" on a failure or non-finite score (default) or "drop" (mark invalid, count).
-        timeout: seconds to wait for one chunk before treating it as failed (None: no limit).
-            The chunk runs in a helper thread, which cannot be killed: use it for black-box
-            rewards that block on I/O.
-        retries: how many times a failing chunk is retried before giving up.
+        on_invalid: what a transient fault that retries did not cure does: "raise" (default) or
+            "drop" (mark the samples invalid, count them).  Other exceptions always raise.
+        timeout: seconds to wait for one chunk before treating it as a transient fault (None: no
+            limit).  The chunk runs in a helper thread, which cannot be killed: use it for
+            black-box rewards that block on I/O.
+        retries: how many times a chunk failing with a transient fault is retried before giving up.
         retry_backoff: seconds before the first retry; doubled at each further retry.
+        transient_errors: (class attribute) exception types this reward raises for faults that
+            may pass, on top of :data:`TRANSIENT_ERRORS` (e.g. its client library's network errors).
     """
 
     name: str = "reward"
     differentiable: bool = True
+    transient_errors: tuple[type[BaseException], ...] = ()
 
     def __init__(
         self,
@@ -225,7 +248,7 @@ class Reward(nn.Module):
         finite = torch.isfinite(scores.detach())
         bad = (valid & ~finite).nonzero().flatten().tolist()
         if bad and self.on_invalid == "raise":
-            raise RewardError(
+            raise RewardUnavailable(
                 f"reward {self.name!r} returned a non-finite score for samples {bad}; "
                 "set on_invalid='drop' to skip such samples instead"
             )
@@ -238,13 +261,21 @@ class Reward(nn.Module):
             scores = torch.where(valid, scores, torch.full_like(scores, float("nan")).detach())
         return RewardOutput(scores, valid, info)
 
+    def is_transient(self, error: BaseException) -> bool:
+        """Whether ``error`` is a fault that may pass (retried, then dropped or raised by on_invalid)."""
+        return isinstance(error, TRANSIENT_ERRORS + tuple(self.transient_errors))
+
     def _score_chunk(self, images: Tensor, prompts: list[str]) -> RewardOutput:
-        """One chunk, with retries, backoff and timeout; failure raises or drops the chunk."""
+        """One chunk, with retries, backoff and timeout for transient faults; anything else raises."""
         attempts = self.retries + 1
         for attempt in range(attempts):
             try:
                 out = self._call_with_timeout(images, prompts)
             except Exception as exc:
+                if not self.is_transient(exc):
+                    if isinstance(exc, AlignError):
+                        raise  # already says what went wrong and what to change
+                    raise RewardCrash(_crash_message(self.name, exc)) from exc
                 cause = exc
                 if attempt + 1 < attempts:
                     delay = self.retry_backoff * 2**attempt
@@ -259,9 +290,9 @@ class Reward(nn.Module):
         tried = f" after {attempts} attempts" if attempts > 1 else ""
         message = f"reward {self.name!r} failed{tried}: {type(cause).__name__}: {cause}"
         if self.on_invalid == "raise":
-            if isinstance(cause, RewardError) and attempts == 1:
-                raise cause
-            raise RewardError(message) from cause
+            if isinstance(cause, RewardUnavailable) and attempts == 1:
+                raise cause  # a nested reward's fault, already named
+            raise RewardUnavailable(message) from cause
         logger.warning("%s; dropping %d samples (on_invalid='drop')", message, images.shape[0])
         nan = torch.full((images.shape[0],), float("nan"), device=images.device)
         return RewardOutput(nan, torch.zeros_like(nan, dtype=torch.bool), {})
@@ -308,6 +339,16 @@ class Reward(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, differentiable={self.differentiable}"
+
+
+def _crash_message(name: str, error: BaseException) -> str:
+    """What a RewardCrash says: the reward, the original exception, and why it was not retried."""
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        why = "out of memory is not a transient fault; score fewer images per call (chunk_size) or free memory"
+    else:
+        why = ("a bug in the reward, not a fault to retry or drop (a reward declares the exceptions of faults "
+               "that may pass in transient_errors)")
+    return f"reward {name!r} raised {type(error).__name__}: {error}; {why}"
 
 
 def _owned_modules(reward: Reward):

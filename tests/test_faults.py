@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from align.builtin.testing import tiny_pipeline
 from align.core.config import from_dict
-from align.core.errors import AlignError
+from align.core.errors import AlignError, ConfigError, RewardCrash, RewardError
 from align.core.models import DiffusionModel
 from align.train.trainer import TrainConfig, Trainer
 from rewards import Reward
@@ -42,21 +42,30 @@ def _config(out, **overrides):
 
 
 class ScriptedBrightness(Reward):
-    """Brightness, except on the calls listed in ``bad_calls``: NaN (or an exception) instead."""
+    """Brightness, except on the calls listed in ``bad_calls``, which ``mode`` decides:
+
+    ``nan`` (NaN scores in ``bad_rows``), ``unreachable`` (a ConnectionError: a transient fault),
+    ``hang`` (sleeps ``hang_s`` first: a timeout when ``timeout`` is set), ``bug`` (a TypeError).
+    """
 
     name = "scripted_brightness"
 
-    def __init__(self, bad_calls, mode="nan", bad_rows=None, **kwargs):
+    def __init__(self, bad_calls, mode="nan", bad_rows=None, hang_s=1.0, **kwargs):
         super().__init__(**kwargs)
-        self.bad_calls, self.mode, self.bad_rows, self.calls = set(bad_calls), mode, bad_rows, 0
+        self.bad_calls, self.mode, self.bad_rows, self.hang_s, self.calls = set(bad_calls), mode, bad_rows, hang_s, 0
         self.inner = Brightness()
 
     def _score(self, images, prompts):
         self.calls += 1
+        bad = self.calls in self.bad_calls
+        if bad and self.mode == "unreachable":
+            raise ConnectionError("reward server unreachable")
+        if bad and self.mode == "bug":
+            return self.inner._score(images, prompts) + "1"  # TypeError: Tensor + str
+        if bad and self.mode == "hang":
+            time.sleep(self.hang_s)
         scores = self.inner._score(images, prompts)
-        if self.calls in self.bad_calls:
-            if self.mode == "raise":
-                raise RuntimeError("reward server exploded")
+        if bad and self.mode == "nan":
             rows = self.bad_rows if self.bad_rows is not None else list(range(scores.shape[0]))
             mask = torch.zeros_like(scores, dtype=torch.bool)
             mask[rows] = True
@@ -68,8 +77,8 @@ def _weights(trainer):
     return [p.detach().clone() for p in trainer.params]
 
 
-@pytest.mark.parametrize("mode", ["nan", "raise"])
-def test_nonfinite_or_failed_reward_skips_the_step_and_leaves_weights(tmp_path, mode):
+@pytest.mark.parametrize("mode", ["nan", "unreachable"])
+def test_nonfinite_or_unreachable_reward_skips_the_step_and_leaves_weights(tmp_path, mode):
     reward = ScriptedBrightness(bad_calls={2}, mode=mode)
     trainer = Trainer(_config(tmp_path / "run"), model=DiffusionModel(tiny_pipeline("sd")), reward=reward, progress=False)
     trainer.setup()
@@ -104,6 +113,113 @@ def test_too_many_nonfinite_steps_stop_with_a_checkpoint(tmp_path):
     saved = load_file(tmp_path / "run" / "checkpoints" / "step-00000004" / "trainable.safetensors")
     for name, p in zip(trainer.param_names, trainer.params):
         assert torch.equal(saved[name], p.detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# a reward's bug stops the run at once; its transient faults are retried, dropped and counted
+
+
+@pytest.mark.parametrize("on_invalid", ["raise", "drop"])
+def test_a_reward_bug_stops_training_at_the_first_step(tmp_path, on_invalid):
+    # call 1 is the step-0 sample grid, call 2 the first training step
+    reward = ScriptedBrightness(bad_calls=set(range(2, 100)), mode="bug", on_invalid=on_invalid, retries=2)
+    trainer = Trainer(_config(tmp_path / "run", max_steps=5), model=DiffusionModel(tiny_pipeline("sd")), reward=reward,
+                      progress=False)
+    with pytest.raises(RewardCrash) as info:
+        trainer.train()
+    assert isinstance(info.value, AlignError)
+    assert str(info.value).startswith("reward 'scripted_brightness' raised TypeError: unsupported operand type")
+    assert isinstance(info.value.__cause__, TypeError)
+    assert reward.calls == 2 and trainer.step == 0 and trainer.skipped == 0  # not retried, not skipped
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [0]
+
+
+def _timeout_run(tmp_path, **overrides):
+    # chunks of one image, two tries each: calls 1-2 are the step-0 grid, call 3 (sample 0 of step 1)
+    # and its retry 4 hang past the timeout, call 5 (sample 1) answers
+    reward = ScriptedBrightness(bad_calls={3, 4}, mode="hang", hang_s=1.0, timeout=0.2, retries=1, retry_backoff=0.0,
+                                chunk_size=1, on_invalid="drop")
+    cfg = _config(tmp_path / "run", **overrides)
+    trainer = Trainer(cfg, model=DiffusionModel(tiny_pipeline("sd")), reward=reward, progress=False)
+    return trainer, reward
+
+
+def test_a_timeout_is_retried_then_dropped_counted_and_logged(tmp_path, caplog):
+    trainer, reward = _timeout_run(tmp_path, max_steps=2)
+    with caplog.at_level("WARNING", logger="rewards"):
+        result = trainer.train()
+    assert reward.calls == 2 + 3 + 2 + 2  # grid, step 1 (with one retry), step 2, final grid
+    assert reward.dropped == 1 and result.skipped_steps == 0
+    assert "retry 1/1" in caplog.text and "TimeoutError" in caplog.text and "dropping 1 samples" in caplog.text
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = {m["step"]: m for m in lines if "loss" in m}
+    # step 1 trained on the one sample left
+    assert steps[1]["reward/dropped_fraction"] == 0.5 and steps[1]["invalid_samples"] == 1 and steps[1]["skipped"] == 0
+    assert steps[2]["reward/dropped_fraction"] == 0.0 and steps[2]["skipped"] == 0
+
+
+def test_dropping_more_than_the_limit_stops_with_a_checkpoint(tmp_path):
+    trainer, reward = _timeout_run(tmp_path, max_steps=5, max_dropped_fraction=0.4)
+    trainer.setup()
+    start = _weights(trainer)
+    with pytest.raises(RewardError) as info:
+        trainer.train()
+    message = str(info.value)
+    assert message.startswith("stopping at step 1: reward 'scripted_brightness' dropped 50% of a batch's samples, "
+                              "more than max_dropped_fraction=0.4")
+    assert "checkpoints/step-00000001" in message
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step-00000001" / "trainable.safetensors")
+    for name, p, p0 in zip(trainer.param_names, trainer.params, start):
+        assert torch.equal(saved[name], p0) and torch.equal(p.detach(), p0)  # the step was skipped
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 1 and last["reward/dropped_fraction"] == 0.5 and last["skipped"] == 1
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, float("nan")])
+def test_max_dropped_fraction_is_validated(tmp_path, value):
+    with pytest.raises(ConfigError, match=r"max_dropped_fraction=.* accepted: \[0.0, 1.0\]|max_dropped_fraction=nan"):
+        _config(tmp_path / "run", max_dropped_fraction=value)
+
+
+CLI_DRIVER = textwrap.dedent(
+    """
+    import sys
+    from align.cli import main
+    from rewards import Reward, register_reward
+    from rewards.zoo.stats import Brightness
+
+
+    class Buggy(Reward):
+        name = "buggy"
+
+        def _score(self, images, prompts):
+            return Brightness()._score(images, prompts) + "1"
+
+
+    register_reward("buggy", Buggy)
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_cli_reports_a_reward_bug_with_its_traceback_and_status_1(tmp_path):
+    tiny_pipeline("sd").save_pretrained(tmp_path / "model")
+    script = tmp_path / "driver.py"
+    script.write_text(CLI_DRIVER)
+    proc = subprocess.run(
+        [sys.executable, str(script), "train", "-q", f"model={tmp_path / 'model'}", f"output_dir={tmp_path / 'run'}",
+         "reward=buggy", "max_steps=2", "draft.num_steps=2", "prompts=[a red circle]", "num_samples=1", "sample_every=0"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    # the reward's own frames (file and line of the bug), then one line naming the reward
+    assert lines[0] == "Traceback (most recent call last):"
+    assert f'File "{script}"' in proc.stderr and "return Brightness()._score(images, prompts) + \"1\"" in proc.stderr
+    assert lines[-1].startswith("align train: error: reward 'buggy' raised TypeError: unsupported operand type")
+    assert "a bug in the reward" in lines[-1]
+    assert "trainer.py" not in proc.stderr  # the toolkit's loop does not bury it
 
 
 # ---------------------------------------------------------------------------------------------

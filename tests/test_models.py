@@ -132,3 +132,42 @@ def test_block_checkpointing_keeps_a_forward_hook_a_block_already_had():
     assert vars(block)["forward"] is hooked
     assert len(calls) == 2  # the forward, then its recomputation in the backward
     assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
+class _BrokenXformersPipe:
+    """A pipeline on a GPU whose xformers build cannot run (no real GPU needed: only the device is read)."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, error):
+        self.error, self.calls = error, 0
+
+    def enable_xformers_memory_efficient_attention(self):
+        self.calls += 1
+        raise self.error
+
+
+def test_xformers_failure_is_logged_once_with_the_reason(monkeypatch, caplog):
+    import sys
+    import types
+
+    from align.core import models
+
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+    monkeypatch.setattr(models.enable_memory_efficient_attention, "reported", set(), raising=False)
+    error = RuntimeError("No operator found for `memory_efficient_attention_forward` with inputs")
+    pipe = _BrokenXformersPipe(error)
+    with caplog.at_level("WARNING", logger="align.core.models"):
+        assert models.enable_memory_efficient_attention(pipe) is False
+        assert models.enable_memory_efficient_attention(pipe) is False  # a second model load: no second warning
+        other = _BrokenXformersPipe(NotImplementedError("xformers was built for torch 2.4"))
+        assert models.enable_memory_efficient_attention(other) is False
+    assert pipe.calls == 2 and other.calls == 1
+    messages = [r.getMessage() for r in caplog.records if r.name == "align.core.models"]
+    assert messages == [
+        "xformers is installed but could not be enabled (RuntimeError: No operator found for "
+        "`memory_efficient_attention_forward` with inputs); using PyTorch's scaled-dot-product attention",
+        "xformers is installed but could not be enabled (NotImplementedError: xformers was built for torch 2.4); "
+        "using PyTorch's scaled-dot-product attention",
+    ]
+    assert all(r.levelname == "WARNING" for r in caplog.records if r.name == "align.core.models")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from align.core.errors import AlignError, ConfigError, RewardError
+from align.core.errors import AlignError, ConfigError, RewardCrash, RewardError, RewardUnavailable
 from rewards import Reward, RewardOutput, WeightedSum, build_reward, require_differentiable
 
 
@@ -191,6 +191,7 @@ def test_wrong_shape_is_a_bug_even_in_drop_mode():
 def test_dropped_chunk_keeps_the_info_of_the_others():
     class FailsOnDark(Reward):
         name = "fails_on_dark"
+        transient_errors = (ValueError,)  # declared: dropped, not a crash
 
         def _score(self, images, prompts):
             if images.mean() < 0.1:
@@ -202,3 +203,103 @@ def test_dropped_chunk_keeps_the_info_of_the_others():
     assert out.valid.tolist() == [True, True, False]
     torch.testing.assert_close(out.info["max"][:2], torch.tensor([0.5, 0.5]))
     assert torch.isnan(out.info["max"][2])
+
+
+# ---------------------------------------------------------------------------------------------
+# faults and bugs: only declared transient faults are retried or dropped
+
+
+class Raises(Reward):
+    """Raises ``error`` on every call, counting the calls."""
+
+    name = "raises"
+
+    def __init__(self, error, **kwargs):
+        super().__init__(**kwargs)
+        self.error, self.calls = error, 0
+
+    def _score(self, images, prompts):
+        self.calls += 1
+        raise self.error
+
+
+@pytest.mark.parametrize("on_invalid", ["raise", "drop"])
+@pytest.mark.parametrize(
+    "error, hint",
+    [(TypeError("unsupported operand type(s) for +: 'Tensor' and 'str'"), "a bug in the reward"),
+     (AttributeError("'NoneType' object has no attribute 'encode'"), "a bug in the reward"),
+     (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out of memory is not a transient"),
+     (MemoryError(), "out of memory is not a transient")],
+    ids=["TypeError", "AttributeError", "cuda-oom", "cpu-oom"],
+)
+def test_an_undeclared_exception_is_a_crash_never_retried_or_dropped(error, hint, on_invalid):
+    reward = Raises(error, on_invalid=on_invalid, retries=3, retry_backoff=0.0)
+    with pytest.raises(RewardCrash) as info:
+        reward.score(torch.rand(2, 3, 4, 4))
+    message = str(info.value)
+    assert message.startswith(f"reward 'raises' raised {type(error).__name__}: {error}; {hint}")
+    assert info.value.__cause__ is error and info.value.__cause__.__traceback__ is not None
+    assert reward.calls == 1 and reward.dropped == 0
+
+
+def test_an_align_error_from_the_reward_passes_unchanged():
+    error = RewardError("reward 'raises': the API key in $JUDGE_KEY was refused")
+    with pytest.raises(RewardError) as info:
+        Raises(error, on_invalid="drop", retries=2, retry_backoff=0.0)(torch.rand(2, 3, 4, 4))
+    assert info.value is error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RewardUnavailable("judge server is down"), TimeoutError("no reply"), ConnectionRefusedError("refused"),
+     KeyError("declared")],
+    ids=["unavailable", "timeout", "connection", "declared"],
+)
+def test_transient_faults_are_retried_then_raised_or_dropped_and_counted(error):
+    class Flaky(Raises):
+        transient_errors = (KeyError,)
+
+    reward = Flaky(error, retries=2, retry_backoff=0.0)
+    with pytest.raises(RewardUnavailable, match=rf"reward 'raises' failed after 3 attempts: {type(error).__name__}") as info:
+        reward(torch.rand(2, 3, 4, 4))
+    assert reward.calls == 3 and info.value.__cause__ is error
+    dropping = Flaky(error, retries=2, retry_backoff=0.0, on_invalid="drop", chunk_size=2)
+    out = dropping.score(torch.rand(3, 3, 4, 4))
+    assert dropping.calls == 6 and dropping.dropped == 3 and not out.valid.any()
+    assert Raises(KeyError("undeclared")).is_transient(KeyError()) is False
+
+
+def test_composites_keep_a_component_crash_and_drop_its_transient_faults():
+    images = torch.rand(2, 3, 4, 4)
+    error = TypeError("bad")
+    crash = WeightedSum({"buggy": (Raises(error), 1.0), "brightness": (build_reward("brightness"), 1.0)}, on_invalid="drop")
+    with pytest.raises(RewardCrash, match=r"^reward 'raises' raised TypeError: bad") as info:
+        crash.score(images)
+    assert info.value.__cause__ is error  # the component's crash, not re-wrapped by the sum
+    down = Raises(RewardUnavailable("judge server is down"))  # raise mode: the sum decides
+    total = WeightedSum({"judge": (down, 1.0), "brightness": (build_reward("brightness"), 1.0)}, on_invalid="drop")
+    out = total.score(images)
+    assert not out.valid.any() and total.dropped == 2
+
+
+def test_steering_stops_at_a_reward_crash_and_drops_a_transient_fault():
+    from align.builtin.toy import GaussianMixture, MixtureDenoiser, toy_scheduler
+    from align.core.sampling import SamplingSchedule
+    from align.steer.fk import FKConfig, fk_sample
+
+    scheduler = toy_scheduler("ddim")
+    denoiser = MixtureDenoiser(GaussianMixture.create([1.0], [[0.0]], [1.0]), scheduler)
+    schedule = SamplingSchedule.from_scheduler(scheduler, 10, eta=1.0)
+
+    def steer(reward):
+        config = FKConfig(num_particles=4, lambda_=1.0, resample_start=2, resample_end=8, resample_interval=2)
+        return fk_sample(denoiser, schedule, reward, config, sample_shape=(1,), num_prompts=2, dtype=torch.float64,
+                         decode_fn=lambda x: torch.sigmoid(x.float()).view(-1, 1, 1, 1).expand(-1, 3, 4, 4))
+
+    error = AttributeError("'NoneType' object has no attribute 'encode'")
+    with pytest.raises(RewardCrash, match=r"^reward 'raises' raised AttributeError") as info:
+        steer(Raises(error, on_invalid="drop"))
+    assert info.value.__cause__ is error
+    flaky = Scripted(failures=1, retries=1, retry_backoff=0.0)  # the first call fails, its retry answers
+    result = steer(flaky)
+    assert torch.isfinite(result.rewards).all() and flaky.dropped == 0  # the retry cured the fault

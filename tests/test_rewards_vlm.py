@@ -3,8 +3,10 @@
 import base64
 import io
 import json
+import socket
 import threading
 import time
+import urllib.error
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from align.core.errors import ConfigError, RewardError
+from align.core.errors import ConfigError, RewardError, RewardUnavailable
 from rewards import build_reward
 from rewards.zoo.vlm import VLMJudge
 
@@ -83,6 +85,14 @@ def server():
     httpd.server_close()
 
 
+@pytest.fixture
+def unused_port():
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def images_with_means(means, size=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     noise = (torch.rand(len(means), 3, size, size, generator=g) - 0.5) * 0.1
@@ -134,7 +144,7 @@ def test_retries_with_backoff_recover(server):
 
 def test_persistent_failure_names_the_endpoint(server):
     server.mode = "fail"
-    with pytest.raises(RewardError) as info:
+    with pytest.raises(RewardUnavailable) as info:
         make(server, retries=2)(images_with_means([0.5]), "a cat")
     message = str(info.value)
     assert "vlm_judge" in message and server.url + "/chat/completions" in message
@@ -142,21 +152,36 @@ def test_persistent_failure_names_the_endpoint(server):
     assert len(server.requests) == 3
 
 
-def test_client_errors_are_not_retried_and_key_is_sent(server, monkeypatch):
+@pytest.mark.parametrize("on_invalid", ["raise", "drop"])
+def test_client_errors_are_not_retried_or_dropped_and_key_is_sent(server, monkeypatch, on_invalid):
     server.mode = "unauthorized"
     monkeypatch.setenv("JUDGE_KEY", "sk-test")
-    with pytest.raises(RewardError, match=r"HTTP 401.*invalid api key"):
-        make(server, retries=3, api_key_env="JUDGE_KEY")(images_with_means([0.5]), "a cat")
-    assert len(server.requests) == 1
+    judge = make(server, retries=3, api_key_env="JUDGE_KEY", on_invalid=on_invalid)
+    with pytest.raises(RewardError, match=r"HTTP 401.*invalid api key") as info:
+        judge(images_with_means([0.5]), "a cat")
+    assert not isinstance(info.value, RewardUnavailable)  # a wrong key is not a fault that passes
+    assert len(server.requests) == 1 and judge.dropped == 0
     assert server.headers[0]["Authorization"] == "Bearer sk-test"
 
 
 def test_timeout(server):
     server.mode = "hang"
     start = time.monotonic()
-    with pytest.raises(RewardError, match=r"after 2 attempts: no answer within timeout=0.2s"):
+    with pytest.raises(RewardUnavailable, match=r"after 2 attempts: no answer within timeout=0.2s") as info:
         make(server, timeout=0.2, retries=1)(images_with_means([0.5]), "a cat")
     assert time.monotonic() - start < 1.5
+    assert isinstance(info.value.__cause__, TimeoutError)
+
+
+def test_refused_connection_is_transient(unused_port):
+    judge = VLMJudge(f"http://127.0.0.1:{unused_port}/v1", timeout=1.0, retries=2, retry_backoff=0.0)
+    assert judge.is_transient(urllib.error.URLError(ConnectionRefusedError()))
+    with pytest.raises(RewardUnavailable, match=r"failed after 3 attempts: cannot connect: .*refused"):
+        judge(images_with_means([0.5]), "a cat")
+    assert judge.requests_sent == 3
+    dropping = VLMJudge(f"http://127.0.0.1:{unused_port}/v1", timeout=1.0, retries=1, retry_backoff=0.0, on_invalid="drop")
+    out = dropping.score(images_with_means([0.5, 0.6]), "a cat")
+    assert not out.valid.any() and dropping.dropped == 2 and dropping.requests_sent == 4
 
 
 def test_malformed_answer(server):

@@ -206,3 +206,19 @@ def energy_distance_test(
     observed = stat(torch.arange(z.shape[0]))
     count = sum(int(stat(torch.randperm(z.shape[0], generator=generator)) >= observed) for _ in range(permutations))
     return float(observed), (1 + count) / (1 + permutations)
+
+
+def weighted_law_moments(samples: Tensor, log_weights: Tensor) -> tuple[float, float]:
+    """Mean and variance of one particle per group picked by its weight (1-D particles).
+
+    ``samples`` and ``log_weights`` are [G, K] (G groups of K weighted particles, log-weights
+    normalised per group, as FK returns them).  The groups are independent runs of the same
+    sampler, so the law pools them with equal weight: its mean is the average of the groups'
+    self-normalised weighted means, its variance the average weighted second moment minus the
+    squared mean.
+    """
+    w = log_weights.exp()
+    x = samples.double()
+    mean = (w * x).sum(-1).mean()
+    second = (w * x * x).sum(-1).mean()
+    return float(mean), float(second - mean * mean)

@@ -23,6 +23,24 @@ class RewardError(AlignError):
     """A reward failed (raised, timed out, returned a malformed or non-finite score)."""
 
 
+class RewardUnavailable(RewardError):
+    """A transient reward fault: the reward could not give a usable score this time.
+
+    A remote or plugin reward raises it when its service is down, overloaded or answers without a
+    score; the reward base class raises it for a timeout, a connection error or a non-finite score
+    that its retries did not cure.  Faults of this kind are retried, then dropped and counted
+    with ``on_invalid="drop"`` (and an enclosing reward or the trainer treats them the same way).
+    """
+
+
+class RewardCrash(RewardError):
+    """A reward raised an exception it did not declare transient: a bug in the reward, or out of memory.
+
+    Never retried, dropped or counted: a run stops at once.  ``__cause__`` is the original
+    exception, with its traceback.
+    """
+
+
 def suggest(value: str, accepted: Iterable[str]) -> str:
     """Return ' Did you mean X?' when ``value`` is close to one of ``accepted``, else ''."""
     close = difflib.get_close_matches(str(value), [str(a) for a in accepted], n=1, cutoff=0.6)

@@ -415,8 +415,12 @@ def checkpointed_blocks(module: torch.nn.Module, block_types: Sequence[str] = CH
 def enable_memory_efficient_attention(pipe) -> bool:
     """Use xformers attention when it is installed and the pipeline is on a GPU; else PyTorch SDPA.
 
-    Returns whether xformers was enabled.
+    Returns whether xformers was enabled.  An installed xformers that fails to enable (a build
+    for another torch or CUDA version, a GPU it has no kernels for) does not stop the run, but
+    says so once per process and reason with a logging warning.
     """
+    import logging
+
     device = getattr(pipe, "device", torch.device("cpu"))
     if torch.device(device).type != "cuda":
         return False
@@ -426,6 +430,14 @@ def enable_memory_efficient_attention(pipe) -> bool:
         return False
     try:
         pipe.enable_xformers_memory_efficient_attention()
-    except Exception:  # a broken xformers build must not stop a run; SDPA is the default anyway
+    except Exception as exc:  # a broken xformers build must not stop a run; SDPA is the default anyway
+        reason = f"{type(exc).__name__}: {exc}"
+        reported = enable_memory_efficient_attention.__dict__.setdefault("reported", set())
+        if reason not in reported:  # every model load calls this; one warning per reason is enough
+            reported.add(reason)
+            logging.getLogger(__name__).warning(
+                "xformers is installed but could not be enabled (%s); using PyTorch's scaled-dot-product attention",
+                reason,
+            )
         return False
     return True

@@ -22,7 +22,7 @@ def check_chunks_and_seed(config) -> None:
 
 @dataclass
 class FKConfig:
-    """Feynman-Kac (SMC) steering: sample p(x0) exp(lambda r(x0)) / Z with particles.
+    """Feynman-Kac (SMC) steering: sample p(x0) exp(lambda r(x0)) / Z with particles (exactly as k -> infinity).
 
     Paper defaults (Singhal et al.): 4 particles, lambda 10, potential max, resampling every 20 of
     100 DDIM (eta=1) steps in [20, 80].  Resampling needs a stochastic sampler (DDIM eta > 0, DDPM,
@@ -32,7 +32,11 @@ class FKConfig:
         num_particles: particles per prompt k (paper: 4).
         lambda_: tilt strength lambda >= 0 of the target p(x0) exp(lambda r(x0)); 0 is the base sampler.
         potential: how intermediate rewards become potentials: max (paper default), difference, sum,
-            immediate; every choice targets the same distribution thanks to the final correction.
+            immediate.  Thanks to the final correction every choice targets the tilted law, but only
+            as num_particles -> infinity; at practical k max and difference converge (difference best
+            for strong tilts of a nearly linear reward, max on the quadratic toy reward) while sum's
+            weights degenerate (at lambda 2 on the toy its error grows from k = 16 to 4096): do not
+            use sum.  Figures in :mod:`align.steer.potentials` and BENCHMARKS.md.
         resampler: systematic (default, lowest variance), stratified, residual or multinomial (the
             public code's only choice).
         resample_start: first sampler step (0-based) at which potentials are applied.

@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from align.core.config import save_config, to_dict
-from align.core.errors import AlignError, ConfigError, check_choice, check_device, check_range
+from align.core.errors import AlignError, ConfigError, RewardError, check_choice, check_device, check_range
 from align.core.lora import LoRAConfig, adapters_disabled, add_lora, save_lora, trainable_parameters
 from align.core.paths import check_output_dir
 from align.train.checkpoint import (
@@ -83,6 +83,9 @@ class TrainConfig:
         allow_pickle: allow loading pickle checkpoints (unsafe with untrusted files).
         report_to: extra trackers through accelerate (tensorboard, wandb) when installed.
         max_nonfinite_steps: stop (with a checkpoint) after this many consecutive steps with a non-finite loss or gradient.
+        max_dropped_fraction: with a reward in on_invalid='drop' mode, the largest fraction of a micro-batch's samples
+            its transient faults (timeouts, unavailable service, non-finite scores) may drop; a micro-batch that
+            loses more skips its step and stops the run with a checkpoint. In [0, 1] (1: never stop for drops).
         monitor_rewards: held-out rewards to evaluate during training ({name: weight} or a name); None disables.
         monitor_prompts: held-out prompts for the monitor (default: the training prompts).
         monitor_every: evaluate the monitor every N steps (0 disables).
@@ -124,6 +127,7 @@ class TrainConfig:
     allow_pickle: bool = False
     report_to: list[str] = field(default_factory=list)
     max_nonfinite_steps: int = 5
+    max_dropped_fraction: float = 0.5
     monitor_rewards: str | dict[str, Any] | None = None
     monitor_prompts: str | list[str] | None = None
     monitor_every: int = 0
@@ -148,6 +152,7 @@ class TrainConfig:
         check_range("sample_every", self.sample_every, 0, None, integer=True)
         check_range("num_samples", self.num_samples, 1, 256, integer=True)
         check_range("max_nonfinite_steps", self.max_nonfinite_steps, 1, None, integer=True)
+        check_range("max_dropped_fraction", self.max_dropped_fraction, 0.0, 1.0)
         check_range("monitor_every", self.monitor_every, 0, None, integer=True)
         check_range("monitor_patience", self.monitor_patience, 0, None, integer=True)
         check_range("monitor_tolerance", self.monitor_tolerance, 0.0, None)
@@ -208,6 +213,9 @@ class Trainer:
     ``model`` and ``reward`` may be given pre-built (tests, notebooks); otherwise they are loaded
     from the config.  Call :meth:`train`.
     """
+
+    #: the dropped fraction of the micro-batch that passed max_dropped_fraction (set by compute_loss)
+    dropped_over_limit: float | None = None
 
     def __init__(self, config: TrainConfig, *, model=None, reward=None, accelerator=None, progress: bool = True):
         self.config = config
@@ -374,9 +382,14 @@ class Trainer:
         copies = result.latents.shape[0] // len(prompts)
         self.reward.train()  # running reward normalisation updates its statistics in train mode only
         scored = self.reward.score(images.float(), list(prompts) * copies)
+        # A reward's bug (RewardCrash) has propagated by now and stops the run; only its transient
+        # faults reach this point, as invalid samples.
         valid = scored.valid
+        dropped_fraction = float((~valid).sum()) / valid.numel()
+        if self.drop_invalid_samples and dropped_fraction > cfg.max_dropped_fraction:
+            self.dropped_over_limit = dropped_fraction  # train() stops the run after this (skipped) step
         per_sample = method.reward_loss(scored.scores)
-        if bool(valid.any()) and (self.drop_invalid_samples or bool(valid.all())):
+        if bool(valid.any()) and self.dropped_over_limit is None and (self.drop_invalid_samples or bool(valid.all())):
             loss = per_sample[valid].mean()
         else:
             loss = per_sample.new_tensor(float("nan"))  # the step is skipped and counted
@@ -388,6 +401,7 @@ class Trainer:
             "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
             "grad_steps": plan.grad_steps,
             "invalid_samples": int((~valid).sum()),
+            "reward/dropped_fraction": dropped_fraction,
         }
         for key, values in scored.info.items():
             v = values.detach().float()[valid]
@@ -656,6 +670,18 @@ class Trainer:
             metrics = self.train_step()
             bar.update(1)
             bar.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.4f}", loss=f"{metrics['loss']:.4f}")
+            if self._any_process(self.dropped_over_limit is not None):
+                self._log(metrics)
+                path = self.save_checkpoint()
+                dropped = ("a batch's samples on another process" if self.dropped_over_limit is None
+                           else f"{self.dropped_over_limit:.0%} of a batch's samples")
+                raise RewardError(
+                    f"stopping at step {self.step}: reward {self.reward.name!r} dropped {dropped}, more than "
+                    f"max_dropped_fraction={cfg.max_dropped_fraction} (its warnings above say why: timeouts, "
+                    f"an unavailable service, non-finite scores); the step was skipped and the weights of the last "
+                    f"step within the limit are saved in {str(path)!r}. Fix the reward's service, or raise "
+                    "max_dropped_fraction to train through more drops."
+                )
             if self.consecutive_bad >= cfg.max_nonfinite_steps:
                 self._log(metrics)
                 path = self.save_checkpoint()

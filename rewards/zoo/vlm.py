@@ -4,19 +4,22 @@ Each image is sent as a base64 PNG data URL with a rubric (the prompt substitute
 ``{prompt}``); the answer is parsed with a regular expression (default: the last
 ``Final Score: x``) and divided by ``scale_max`` (default 5, so scores lie in [0, 1]).
 
-Requests run ``concurrency`` at a time (threads), each with a ``timeout``; failures (connection
-errors, timeouts, HTTP 429 / 5xx, answers without a score) are retried ``retries`` times with
-exponential backoff (``retry_backoff * 2**attempt`` seconds); other HTTP 4xx (bad key, bad
-model) fail at once.  A sample that still fails raises a :class:`RewardError` naming the endpoint
-and the reason, or with ``on_invalid="drop"`` is dropped and counted.  Answers are cached in
-memory, and on disk with ``cache_dir``, keyed by a hash of the PNG, the prompt, the rubric and
-the model.  Only the standard library talks to the server.
+Requests run ``concurrency`` at a time (threads), each with a ``timeout``.  Transient faults
+(connection errors, timeouts, HTTP 429 / 5xx, invalid JSON, answers without a score; the
+reward declares urllib's and http.client's network errors in ``transient_errors``) are retried
+``retries`` times with exponential backoff (``retry_backoff * 2**attempt`` seconds); a sample that
+still fails raises a :class:`~align.core.errors.RewardUnavailable` naming the endpoint and the
+reason, or with ``on_invalid="drop"`` is dropped and counted.  Other HTTP 4xx (bad key, bad
+model) raise a :class:`RewardError` at once, in either mode: no retry cures them.  Answers are
+cached in memory, and on disk with ``cache_dir``, keyed by a hash of the PNG, the prompt, the
+rubric and the model.  Only the standard library talks to the server.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import io
 import ipaddress
 import json
@@ -33,9 +36,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from align.core.errors import ConfigError, RewardError, check_range
+from align.core.errors import ConfigError, RewardError, RewardUnavailable, check_range
 
-from ..base import Reward
+from ..base import Reward, RewardOutput
 from ..registry import register_reward
 from .jpeg import to_uint8_images
 
@@ -49,10 +52,6 @@ DEFAULT_RUBRIC = (
     "'Final Score: <number>'."
 )
 DEFAULT_SCORE_PATTERN = r"final\s*score\s*[:=]?\s*\**\s*([-+]?\d+(?:\.\d+)?)"
-
-
-class _Retryable(Exception):
-    """A failure worth retrying: network, timeout, overload, malformed answer."""
 
 
 def _is_loopback(url: str) -> bool:
@@ -87,6 +86,9 @@ class VLMJudge(Reward):
 
     name = "vlm_judge"
     differentiable = False
+    # refused connections, DNS failures, connect timeouts (URLError); dropped connections and
+    # truncated answers (HTTPException); read timeouts and resets are TimeoutError / ConnectionError
+    transient_errors = (urllib.error.URLError, http.client.HTTPException)
 
     def __init__(
         self,
@@ -199,25 +201,24 @@ class VLMJudge(Reward):
         self.requests_sent += 1
         try:
             with self._opener.open(request, timeout=self.request_timeout) as response:
-                payload = json.loads(response.read())
+                raw = response.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read(300).decode(errors="replace").strip()
             message = f"HTTP {exc.code} {exc.reason}: {detail}"
             if exc.code == 429 or exc.code >= 500:
-                raise _Retryable(message) from None
-            raise RewardError(message) from None
-        except TimeoutError:
-            raise _Retryable(f"no answer within timeout={self.request_timeout}s") from None
-        except urllib.error.URLError as exc:
-            if isinstance(exc.reason, TimeoutError):
-                raise _Retryable(f"no answer within timeout={self.request_timeout}s") from None
-            raise _Retryable(f"cannot connect: {exc.reason}") from None
-        except (OSError, ValueError) as exc:  # connection reset, invalid JSON
-            raise _Retryable(f"{type(exc).__name__}: {exc}") from None
+                raise RewardUnavailable(message) from None  # overloaded or failing: may pass
+            raise RewardError(message) from None  # bad key, bad model, bad request: fix the settings
+        # network errors and timeouts propagate as they are: transient (see transient_errors)
+        try:
+            payload = json.loads(raw)
+        except ValueError:
+            raise RewardUnavailable(f"invalid JSON in the response: {raw[:200]!r}") from None
         try:
             content = payload["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            raise _Retryable(f"malformed response without choices[0].message.content: {str(payload)[:200]}") from None
+            raise RewardUnavailable(
+                f"malformed response without choices[0].message.content: {str(payload)[:200]}"
+            ) from None
         if isinstance(content, list):  # content parts
             content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
         return str(content)
@@ -225,15 +226,15 @@ class VLMJudge(Reward):
     def _parse(self, answer: str) -> float:
         matches = self.score_regex.findall(answer)
         if not matches:
-            raise _Retryable(f"malformed answer, no score matching {self.score_regex.pattern!r}: {answer[:200]!r}")
+            raise RewardUnavailable(f"malformed answer, no score matching {self.score_regex.pattern!r}: {answer[:200]!r}")
         last = matches[-1]
         value = float(last[0] if isinstance(last, tuple) else last)
         if not 0.0 <= value <= self.scale_max:
-            raise _Retryable(f"score {value} outside [0, {self.scale_max:g}] in answer {answer[:200]!r}")
+            raise RewardUnavailable(f"score {value} outside [0, {self.scale_max:g}] in answer {answer[:200]!r}")
         return value
 
     def _judge(self, png: bytes, prompt: str) -> float:
-        """Raw score of one image (cached), retrying transient failures; RewardError when it gives up."""
+        """Raw score of one image (cached), retrying transient faults; RewardUnavailable when it gives up."""
         key = self._key(png, prompt)
         cached = self._cached(key)
         if cached is not None:
@@ -243,20 +244,19 @@ class VLMJudge(Reward):
             try:
                 answer = self._request(png, prompt)
                 value = self._parse(answer)
-            except _Retryable as exc:
-                reason = str(exc)
+            except Exception as exc:
+                if not self.is_transient(exc):
+                    raise  # a 4xx RewardError, or a bug: the base class tells which
+                cause = exc
                 if attempt + 1 < attempts:
                     time.sleep(self.request_backoff * 2**attempt)
                 continue
-            except RewardError as exc:
-                reason, attempts = str(exc), attempt + 1
-                break
             self._store(key, value, answer)
             return value
-        raise RewardError(
+        raise RewardUnavailable(
             f"reward {self.name!r}: endpoint {self.url} (model {self.model!r}) failed after {attempts} "
-            f"attempt{'s' if attempts > 1 else ''}: {reason}"
-        )
+            f"attempt{'s' if attempts > 1 else ''}: {_reason(cause, self.request_timeout)}"
+        ) from cause
 
     # -- the reward -----------------------------------------------------------------------------
     def _score(self, images: Tensor, prompts: list[str]) -> Tensor:
@@ -266,15 +266,38 @@ class VLMJudge(Reward):
             image.save(buffer, format="PNG")
             pngs.append(buffer.getvalue())
         scores = torch.full((len(pngs),), float("nan"))
+        valid = torch.ones(len(pngs), dtype=torch.bool)
         with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="vlm-judge") as pool:
             futures = [pool.submit(self._judge, png, prompt) for png, prompt in zip(pngs, prompts)]
             for i, future in enumerate(futures):
                 try:
                     scores[i] = future.result() / self.scale_max
-                except RewardError as exc:
+                except RewardUnavailable as exc:
                     if self.on_invalid == "raise":
-                        for other in futures:
-                            other.cancel()
+                        _cancel(futures)
                         raise
+                    valid[i] = False
                     logger.warning("%s; dropping sample %d (on_invalid='drop')", exc, i)
-        return scores.to(images.device)
+                except BaseException:
+                    _cancel(futures)
+                    raise
+        return RewardOutput(scores.to(images.device), valid.to(images.device))
+
+
+def _cancel(futures) -> None:
+    """Cancel the requests not yet sent (those in flight finish and are cached)."""
+    for future in futures:
+        future.cancel()
+
+
+def _reason(error: BaseException, timeout: float) -> str:
+    """A transient fault in words: a timeout, a refused connection, the server's answer."""
+    if isinstance(error, urllib.error.URLError) and isinstance(error.reason, TimeoutError):
+        error = error.reason  # a connect timeout
+    if isinstance(error, TimeoutError):
+        return f"no answer within timeout={timeout}s"
+    if isinstance(error, urllib.error.URLError):
+        return f"cannot connect: {error.reason}"
+    if isinstance(error, RewardUnavailable):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
