@@ -4,12 +4,17 @@
 >>> pipe = FKSteeringPipeline.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
 >>> # or, reusing a loaded pipeline's components: FKSteeringPipeline.from_pipe(sd_pipe)
 >>> out = pipe("a red circle", reward="brightness", num_particles=8, lambda_=10.0)
->>> out.best_images[0], out.rewards, out.ancestry
+>>> out.best_images[0], out.rewards, out.ancestry, out.final_relative_ess
 
 ``__call__`` takes every :class:`align.steer.fk_config.FKConfig` field as a keyword (or a whole
 ``config``); passing a :class:`BestOfNConfig` or :class:`GradientGuidanceConfig` as ``config``
 runs that baseline on the same inputs instead (best-of-N with N = num_samples is the
 matched-compute baseline of FK with the same number of particles).
+
+Seeds: without a ``generator``, particle k of every prompt draws its noise from seed
+``config.seed + k``, the seeds of ``align sample --seed`` (image k of every prompt), so FK at
+lambda = 0 and best-of-N reproduce those images bitwise.  A ``generator`` is used as diffusers
+pipelines use one: it draws the whole batch's noise.
 """
 
 from __future__ import annotations
@@ -45,6 +50,10 @@ class FKSteeringPipelineOutput(BaseOutput):
         log_weights: normalised FK log-weights [num_prompts, num_particles] (None for the baselines).
         ancestry: the resampling events (step, ancestors [P, K], resampled, ess, intermediate rewards).
         counts: model, decode and reward evaluations.
+        relative_ess: ESS / num_particles before resampling at each event of ``ancestry``
+            [len(ancestry), num_prompts] (None for the baselines).
+        final_relative_ess: ESS / num_particles of the final weights [num_prompts], before any final
+            resampling (None for the baselines); FK warns when it is below ``ess_warning``.
     """
 
     images: Any
@@ -53,6 +62,8 @@ class FKSteeringPipelineOutput(BaseOutput):
     log_weights: torch.Tensor | None
     ancestry: list[ResamplingEvent]
     counts: EvalCounts
+    relative_ess: torch.Tensor | None = None
+    final_relative_ess: torch.Tensor | None = None
 
 
 def resolve_reward(reward) -> Callable:
@@ -117,6 +128,8 @@ class FKSteeringPipeline(SteeringPipelineBase):
             guidance_scale: classifier-free guidance (FLUX: the distilled guidance); None: the family default.
             sampler: 'auto' (DDIM for UNet families, flow matching for SD3/FLUX), 'ddim', 'ddpm' or 'flow'.
             eta: sampler stochasticity (1.0: DDIM eta=1 as in the paper; for flow models the SDE step).
+            generator: None: the config's ``seed`` (particle k of every prompt from seed + k, as
+                ``align sample``); a generator: the whole batch's noise from it (diffusers' convention).
             output_type: 'pil', 'np', 'pt' (tensor in [0, 1]) or 'latent'.
             step_callback: FK only: ``step_callback(i, x0_hat)`` after each step with the latent
                 x0-predictions of the current particles (after that step's resampling).
@@ -164,4 +177,6 @@ class FKSteeringPipeline(SteeringPipelineBase):
             log_weights=result.log_weights,
             ancestry=result.ancestry,
             counts=result.counts,
+            relative_ess=result.relative_ess,
+            final_relative_ess=result.final_relative_ess,
         )

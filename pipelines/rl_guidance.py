@@ -8,6 +8,11 @@
 ``from_pipe(pipe)`` on a pipeline that already has the LoRA loaded works too.  Every
 :class:`align.steer.rlg_config.RLGConfig` field can be passed as a keyword.  With a LoRA on the text
 encoder(s) as well, the base side encodes prompts with those adapters off.
+
+Seeds: without a ``generator``, sample k of every prompt draws its noise from seed
+``config.seed + k``, the seeds of ``align sample --seed``, so ``weight=0`` reproduces the base
+model's ``align sample`` images bitwise.  A ``generator`` draws the whole batch's noise (diffusers'
+convention).
 """
 
 from __future__ import annotations
@@ -74,6 +79,8 @@ class RLGuidancePipeline(SteeringPipelineBase):
                 The aligned side uses ``aligned_guidance_scale`` (default: the same).
             eta: sampler stochasticity (None: deterministic DDIM / flow Euler).
             reward: optional reward (name, mapping, Reward or callable) to score the outputs.
+            generator: None: the config's ``seed`` (sample k of every prompt from seed + k); a
+                generator: the whole batch's noise from it (diffusers' convention).
             output_type: 'pil', 'np', 'pt' (tensor in [0, 1]) or 'latent'.
         """
         config = apply_overrides(config if config is not None else RLGConfig(), config_fields)

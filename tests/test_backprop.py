@@ -197,6 +197,29 @@ def test_refl_scores_the_x0_prediction_of_its_step():
     assert result.model_calls == 3 and result.grad_calls == 1
 
 
+def test_float32_state_drives_a_bfloat16_model():
+    """The trainer's layout: the chain's state in float32, only the denoiser's input cast to the model dtype."""
+    model, params = _model("sd", dtype=torch.bfloat16)
+    schedule = model.schedule(STEPS, eta=1.0, height=32, width=32)
+    pc = model.encode_prompts(PROMPTS, guidance=True, height=32, width=32)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    x_T = schedule.initial_noise(model.latent_shape(2, 32, 32), gens, "cpu")
+    seen = []
+
+    def bf16_denoiser(x, t, c):
+        seen.append(x.dtype)
+        return model.denoiser(x, t, c)
+
+    result = sample_with_grad(bf16_denoiser, schedule, x_T, pc.cond, pc.uncond, 3.0, LastK(2).plan(STEPS),
+                              generator=gens, keep_x0_predictions=True, model_dtype=torch.bfloat16)
+    assert x_T.dtype == result.latents.dtype == torch.float32
+    assert all(x0.dtype == torch.float32 for x0 in result.x0_predictions)
+    assert seen and set(seen) == {torch.bfloat16}
+    images = model.decode(result.latents)
+    (-build_reward("brightness")(images.float(), PROMPTS).mean()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in params)
+
+
 def test_plans_validate():
     with pytest.raises(ValueError, match="truncation_steps=5 exceeds num_steps=4"):
         LastK(5).plan(4)

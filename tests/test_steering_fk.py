@@ -8,6 +8,7 @@ base sampler is checked against p with the same tolerance so that discretisation
 
 import functools
 import math
+import warnings
 
 import pytest
 import torch
@@ -23,11 +24,12 @@ from align.builtin.toy import (
     toy_scheduler,
     weighted_law_moments,
 )
+from align.core.chain import run_chain
 from align.core.errors import AlignError
 from align.core.sampling import SamplingSchedule
-from align.steer.fk import FKConfig, fk_sample
+from align.steer.fk import FKConfig, LowESSWarning, fk_sample
 from align.steer.guidance import BestOfNConfig, best_of_n
-from align.steer.particles import make_generators, prepare_particles, sample_chain
+from align.steer.particles import prepare_particles
 from align.steer.potentials import POTENTIALS
 from align.steer.resampling import RESAMPLERS, effective_sample_size
 
@@ -46,12 +48,20 @@ def toy(kind: str = "ddim", mixture: GaussianMixture = MIX, steps: int = STEPS):
     return MixtureDenoiser(mixture, scheduler), schedule
 
 
+def batch_generator(seed: int) -> torch.Generator:
+    """One generator for the whole batch: the prompt groups of the toy (all the same "prompt") are
+    then independent replicates; the default per-particle seeds would give every group the same noise."""
+    return torch.Generator().manual_seed(seed)
+
+
 def run_fk(groups: int, kind: str = "ddim", reward=REWARD, mixture=MIX, **overrides):
-    fields = dict(num_particles=128, lambda_=LAM, resample_start=50, resample_end=200, resample_interval=50, seed=0)
+    # ess_warning=0: the statistical tests read the weights themselves (the warning has its own tests)
+    fields = dict(num_particles=128, lambda_=LAM, resample_start=50, resample_end=200, resample_interval=50, seed=0,
+                  ess_warning=0.0)
     fields.update(overrides)
     denoiser, schedule = toy(kind, mixture)
     return fk_sample(denoiser, schedule, reward, FKConfig(**fields), sample_shape=(mixture.dim,),
-                     num_prompts=groups, dtype=torch.float64)
+                     num_prompts=groups, dtype=torch.float64, generator=batch_generator(fields["seed"]))
 
 
 def group_estimates(result, groups: int, fn) -> torch.Tensor:
@@ -200,8 +210,8 @@ def test_two_dimensional_quadratic_reward_energy_test():
 def _base_sample(groups: int, k: int, seed: int, kind: str = "ddim") -> torch.Tensor:
     denoiser, schedule = toy(kind)
     setup = prepare_particles(denoiser, schedule, k, sample_shape=(1,), num_prompts=groups, dtype=torch.float64)
-    gen, _ = make_generators(seed)
-    return sample_chain(schedule, setup.predictor, setup.initial_noise(gen), gen)
+    gen = batch_generator(seed)
+    return run_chain(schedule, setup.predictor, setup.initial_noise(gen), gen)
 
 
 @pytest.mark.parametrize("kind", ["ddim", "flow"])
@@ -232,7 +242,8 @@ def test_prompts_are_steered_independently():
     cond = {"offset": offsets[:, None].double()}
     denoiser, schedule = toy()
     result = fk_sample(denoiser, schedule, REWARD, FKConfig(num_particles=64, lambda_=LAM, resample_start=50,
-                       resample_end=200, resample_interval=50), sample_shape=(1,), cond=cond, dtype=torch.float64)
+                       resample_end=200, resample_interval=50), sample_shape=(1,), cond=cond, dtype=torch.float64,
+                       generator=batch_generator(0))
     est = group_estimates(result, 72, lambda x: x[..., 0])
     for j, offset in enumerate((-2.0, 0.0, 3.0)):
         mine = est[j::3]
@@ -273,17 +284,18 @@ def test_custom_intermediate_reward_equals_the_default():
     config = FKConfig(num_particles=8, lambda_=LAM, resample_start=50, resample_end=200, resample_interval=50,
                       intermediate_reward="custom")
     custom = fk_sample(denoiser, schedule, REWARD, config, sample_shape=(1,), num_prompts=4, dtype=torch.float64,
-                       intermediate_fn=lambda x_t, x0_hat, step: REWARD(x0_hat))
+                       intermediate_fn=lambda x_t, x0_hat, step: REWARD(x0_hat), generator=batch_generator(0))
     assert torch.equal(custom.samples, default.samples)
 
 
 def test_fk_beats_best_of_n_at_matched_model_evaluations():
     denoiser, schedule = toy(steps=100)
     groups, k = 512, 4
-    bon = best_of_n(denoiser, schedule, REWARD, BestOfNConfig(num_samples=k, seed=1), sample_shape=(1,),
-                    num_prompts=groups, dtype=torch.float64)
-    fk = fk_sample(denoiser, schedule, REWARD, FKConfig(num_particles=k, lambda_=10.0, seed=1), sample_shape=(1,),
-                   num_prompts=groups, dtype=torch.float64)
+    bon = best_of_n(denoiser, schedule, REWARD, BestOfNConfig(num_samples=k), sample_shape=(1,),
+                    num_prompts=groups, dtype=torch.float64, generator=batch_generator(1))
+    # lambda = 10 with k = 4 leaves ESS < 1.2 on many prompts (the warning would say so): ess_warning=0
+    fk = fk_sample(denoiser, schedule, REWARD, FKConfig(num_particles=k, lambda_=10.0, ess_warning=0.0), sample_shape=(1,),
+                   num_prompts=groups, dtype=torch.float64, generator=batch_generator(1))
     assert fk.counts.model_rows == bon.counts.model_rows == groups * k * 100
     gain = fk.best_rewards() - bon.best_rewards()
     # paired over prompts: FK's best particle beats best-of-N by many standard errors
@@ -293,10 +305,55 @@ def test_fk_beats_best_of_n_at_matched_model_evaluations():
 
 
 def test_best_of_n_is_fk_with_zero_lambda():
-    bon = best_of_n(*toy(), REWARD, BestOfNConfig(num_samples=4, seed=5), sample_shape=(1,), num_prompts=8,
-                    dtype=torch.float64)
+    bon = best_of_n(*toy(), REWARD, BestOfNConfig(num_samples=4), sample_shape=(1,), num_prompts=8,
+                    dtype=torch.float64, generator=batch_generator(5))
     assert torch.equal(bon.samples, _base_sample(8, 4, seed=5))
+    # the default seeds (sample k of every prompt from seed + k) agree between the two as well
+    seeded = dict(sample_shape=(1,), num_prompts=8, dtype=torch.float64)
+    fk = fk_sample(*toy(), REWARD, FKConfig(num_particles=4, lambda_=0.0, seed=5), **seeded)
+    assert torch.equal(best_of_n(*toy(), REWARD, BestOfNConfig(num_samples=4, seed=5), **seeded).samples, fk.samples)
     assert torch.equal(bon.best_indices(), bon.rewards.argmax(-1) + torch.arange(8) * 4)
+
+
+def _run_recording_warnings(**overrides):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_fk(4, **{"num_particles": 16, "ess_warning": FKConfig().ess_warning, **overrides})
+    return result, [w for w in caught if issubclass(w.category, LowESSWarning)]
+
+
+def test_collapsed_weights_warn_once_with_the_figures():
+    # lambda = 50 on a reward whose spread between particles is ~1: the final correction puts
+    # (nearly) all the weight of every prompt on one particle, ESS / K -> 1 / 16
+    result, warned = _run_recording_warnings(lambda_=50.0)
+    w = result.log_weights.exp()
+    # the reported figure is the ESS of the returned (final, not resampled) weights: 1 / sum w^2 / K
+    torch.testing.assert_close(result.final_relative_ess, 1.0 / (w * w).sum(-1) / 16, atol=1e-12, rtol=0)
+    assert bool((result.final_relative_ess < 0.1).all())
+    assert len(warned) == 1  # once per call, for all four prompts
+    message = str(warned[0].message)
+    for j in range(4):
+        assert f"prompt {j}: {float(result.final_relative_ess[j]):.3f}" in message
+    assert "Raise num_particles, lower lambda_ (now 50.0), or use potential='max' or 'difference'" in message
+    # ESS / K per resampling event: the events' ESS over K
+    assert result.relative_ess.shape == (len(result.ancestry), 4)
+    torch.testing.assert_close(result.relative_ess, torch.stack([e.ess for e in result.ancestry]) / 16)
+    # 0 switches the warning off
+    assert _run_recording_warnings(lambda_=50.0, ess_warning=0.0)[1] == []
+    # the default threshold also fires at the paper's k = 4, where ESS / k cannot go below 0.25
+    four, warned = _run_recording_warnings(lambda_=50.0, num_particles=4)
+    assert len(warned) == 1 and bool((four.final_relative_ess < FKConfig().ess_warning).any())
+
+
+def test_healthy_weights_do_not_warn():
+    result, warned = _run_recording_warnings(lambda_=LAM)
+    assert warned == []
+    assert bool((result.final_relative_ess > 0.5).all())  # 0.84-0.87 with the max potential
+    # with a final resampling the last event's ESS is the same final ESS
+    resampled, _ = _run_recording_warnings(lambda_=LAM, final_resample=True)
+    torch.testing.assert_close(resampled.ancestry[-1].relative_ess, resampled.final_relative_ess)
+    # best-of-N has no weights to report on
+    assert best_of_n(*toy(), REWARD, BestOfNConfig(num_samples=2), sample_shape=(1,)).final_relative_ess is None
 
 
 @pytest.mark.parametrize(
@@ -310,6 +367,8 @@ def test_best_of_n_is_fk_with_zero_lambda():
         (lambda: FKConfig(resample_start=50, resample_end=10), r"resample_end=10 is before resample_start=50"),
         (lambda: FKConfig(ess_threshold=1.5), r"ess_threshold=1.5 is out of range"),
         (lambda: FKConfig(proposal="twisted"), r"proposal='twisted' is not supported; accepted: 'base', 'gradient'"),
+        (lambda: FKConfig(ess_warning=1.5), r"ess_warning=1.5 is out of range; accepted: \[0.0, 1.0\]"),
+        (lambda: FKConfig(ess_warning=float("nan")), r"ess_warning=nan must be a finite number"),
     ],
 )
 def test_config_errors_name_the_value(make, match):

@@ -33,6 +33,7 @@ def test_from_pipe_and_from_pretrained_for_every_family(tmp_path, family):
     assert out.rewards.shape == out.log_weights.shape == (2, 3)
     assert torch.allclose(torch.logsumexp(out.log_weights, -1), torch.zeros(2, dtype=torch.float64))
     assert [e.step for e in out.ancestry] == [1, 3]
+    assert out.relative_ess.shape == (2, 2) and out.final_relative_ess.shape == (2,)  # [events, prompts], [prompts]
     assert torch.equal(out.best_images, out.images[out.rewards.argmax(-1) + torch.tensor([0, 3])])
     source.save_pretrained(tmp_path / "model")
     loaded = FKSteeringPipeline.from_pretrained(tmp_path / "model")
@@ -135,14 +136,21 @@ def test_cli_steer_writes_images_and_results(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert len(results["rewards"]) == 2 and len(results["rewards"][0]) == 3
     assert [e["step"] for e in results["ancestry"]] == [1, 3]
+    for event in results["ancestry"]:  # ESS / k per resampling step, per prompt
+        assert event["relative_ess"] == pytest.approx([ess / 3 for ess in event["ess"]])
+    final_ess = results["final_relative_ess"]
+    assert len(final_ess) == 2 and all(1 / 3 - 1e-9 <= e <= 1 + 1e-9 for e in final_ess)
     assert results["counts"]["model_rows"] == 6 * 2 * 3 * 2
     assert len(list((out / "particles").glob("*.png"))) == 6 and len(list((out / "best").glob("*.png"))) == 2
-    assert "best reward" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "best reward" in printed and f"final {final_ess[1]:.2f}" in printed and "ESS/k by step {1: " in printed
     # the baseline at matched compute, from the same command
     code = main(["steer", "-q", "--model", str(tmp_path / "model"), "-p", "a red circle", "--method", "best_of_n",
                  "-o", str(tmp_path / "bon"), "num_steps=6", "height=32", "width=32", "fk.num_particles=3"])
     assert code == 0
-    assert json.loads((tmp_path / "bon" / "results.json").read_text())["counts"]["model_rows"] == 6 * 3 * 2
+    bon = json.loads((tmp_path / "bon" / "results.json").read_text())
+    assert bon["counts"]["model_rows"] == 6 * 3 * 2 and bon["final_relative_ess"] is None
+    assert "ESS/k" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -97,7 +97,7 @@ def add_parser(subparsers) -> None:
         description=(
             "Sample with Feynman-Kac steering (or the best-of-N / gradient-guidance baselines) toward a reward. "
             "Writes every final particle to OUTPUT_DIR/particles, the best particle per prompt to OUTPUT_DIR/best, "
-            "and rewards, log-weights, ancestry and evaluation counts to OUTPUT_DIR/results.json."
+            "and rewards, log-weights, ancestry, ESS/k per resampling step and evaluation counts to OUTPUT_DIR/results.json."
         ),
         example=EXAMPLE,
         fields_title="configuration fields (YAML keys / key=value overrides, e.g. fk.lambda_=5):",
@@ -138,13 +138,18 @@ def run(args: argparse.Namespace) -> int:
         "log_weights": None if out.log_weights is None else out.log_weights.tolist(),
         "ancestry": [
             {"step": e.step, "ancestors": e.ancestors.tolist(), "resampled": e.resampled.tolist(),
-             "ess": e.ess.tolist(), "intermediate_rewards": e.rewards.tolist()}
+             "ess": e.ess.tolist(), "relative_ess": e.relative_ess.tolist(), "intermediate_rewards": e.rewards.tolist()}
             for e in out.ancestry
         ],
+        "final_relative_ess": None if out.final_relative_ess is None else out.final_relative_ess.tolist(),
         "counts": out.counts.to_dict(),
     }
     path = write_results(output, config, results)
     for i, prompt in enumerate(prompts):
-        print(f"{prompt!r}: best reward {float(out.rewards[i].max()):.4f} (mean {float(out.rewards[i].mean()):.4f})")
+        line = f"{prompt!r}: best reward {float(out.rewards[i].max()):.4f} (mean {float(out.rewards[i].mean()):.4f})"
+        if out.final_relative_ess is not None:
+            by_step = ", ".join(f"{e.step}: {float(e.relative_ess[i]):.2f}" for e in out.ancestry)
+            line += f"; ESS/k by step {{{by_step}}}, final {float(out.final_relative_ess[i]):.2f}"
+        print(line)
     print(f"{p * k} images in {output / 'particles'}; results in {path}")
     return 0

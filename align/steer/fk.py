@@ -16,30 +16,41 @@ running max/sum statistics that start from the first reward (not 0); several pro
 chunked decoding and scoring; flow-matching models through the SDE step; a clear refusal of
 deterministic samplers (resampled copies would stay identical).
 
+FK is the toolkit's one sampling chain (:func:`align.core.chain.run_chain`) with three hooks.
 Step ``i`` works on the model output at x_i: potentials are evaluated on the x0-prediction of
-that output (no extra model call), particles and their outputs are gathered by the ancestors,
-then the sampler step is taken.  The optional gradient-guided proposal shifts the step's mean by
+that output (no extra model call), particles and their outputs are gathered by the ancestors
+(``reweight``), then the sampler step is taken.  Particle k of every prompt draws its noise from
+a generator seeded ``seed + k`` (the slot keeps its generator through resampling), so at
+lambda = 0 FK gives bitwise the samples of best-of-N and of ``align sample`` with the same seed.
+The optional gradient-guided proposal (``shift``) moves the step's mean by
 
     delta_i = proposal_scale * lambda * std_i^2 * J_{i+1} * grad_x0 r(decode(x0_hat_i)),
     J_{i+1} = alpha_{i+1} / (alpha_{i+1}^2 + sigma_{i+1}^2),
 
 the gradient of the twist exp(lambda r(x0_hat(x_{i+1}))) when the x0-prediction's Jacobian is
 approximated by its value for standard-normal data, and multiplies the weight by the exact
-ratio of the base to the shifted Gaussian transition densities.
+ratio of the base to the shifted Gaussian transition densities (``on_noise``).
+
+Health: every resampling event records each prompt's effective sample size (ESS) before
+resampling, and the result carries ESS / K of the final weights (``final_relative_ess``, before
+any final resampling).  When that falls below ``FKConfig.ess_warning`` a :class:`LowESSWarning`
+is issued once per call: the weighted output then rests on a few particles and is close to one
+draw; the remedies to try are more particles, a smaller lambda, or the max or difference potential.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from align.core.chain import run_chain
 from align.core.errors import AlignError
-from align.core.sampling import DenoiserFn, SamplingSchedule
+from align.core.sampling import DenoiserFn, Generators, SamplingSchedule, StepResult, randn
 from align.steer.fk_config import FKConfig
 from align.steer.particles import (
     ParticleSetup,
@@ -47,15 +58,13 @@ from align.steer.particles import (
     RewardFn,
     SteeringResult,
     check_reward_fn,
-    draw_noise,
     group_view,
-    make_generators,
     prepare_particles,
 )
 from align.steer.potentials import Potential, PotentialState
-from align.steer.resampling import flat_indices, normalize_log_weights, resample_groups
+from align.steer.resampling import effective_sample_size, flat_indices, normalize_log_weights, resample_groups
 
-__all__ = ["FKConfig", "fk_sample", "check_stochastic"]
+__all__ = ["FKConfig", "LowESSWarning", "fk_sample", "check_stochastic"]
 
 #: (x_t [N, ...], x0_hat [N, ...], step) -> intermediate rewards [N]
 IntermediateFn = Callable[[Tensor, Tensor, int], Tensor]
@@ -104,10 +113,78 @@ class _IntermediateReward:
         n = self.config.intermediate_samples
         a, s = self.setup.schedule.alphas[i], self.setup.schedule.sigmas[i]
         spread = s / math.sqrt(a * a + s * s)
-        draws = x0_hat.unsqueeze(1) + spread * draw_noise((x0_hat.shape[0], n, *x0_hat.shape[1:]), x0_hat, self.aux)
+        shape = (x0_hat.shape[0], n, *x0_hat.shape[1:])
+        draws = x0_hat.unsqueeze(1) + spread * randn(shape, self.aux, x0_hat.device, x0_hat.dtype)
         prompts = None if self.setup.rewards.prompts is None else [q for q in self.setup.rewards.prompts for _ in range(n)]
         scores = self.setup.rewards.scores(draws.flatten(0, 1), prompts).view(-1, n)
         return _log_mean_exp(scores, self.config.lambda_, dim=1)
+
+
+class LowESSWarning(UserWarning):
+    """FK's final weights rest on few particles (see :attr:`FKConfig.ess_warning`)."""
+
+
+class _Steering:
+    """FK's hooks into the sampling chain: potentials and resampling (``reweight``), the
+    gradient-guided proposal (``shift``) and its weight correction (``on_noise``)."""
+
+    def __init__(self, setup: ParticleSetup, config: FKConfig, potential_steps: set[int],
+                 intermediate: _IntermediateReward, aux: torch.Generator):
+        self.setup, self.config, self.steps = setup, config, potential_steps
+        self.intermediate, self.aux = intermediate, aux
+        self.lam = config.lambda_
+        self.potential = Potential(config.potential, self.lam)
+        self.guided = config.proposal == "gradient" and self.lam > 0.0 and config.proposal_scale > 0.0
+        self.log_w = torch.zeros(setup.num_prompts, setup.per_prompt, dtype=torch.float64, device=setup.device)
+        self.state = PotentialState.initial(setup.num_particles, setup.device)
+        self.events: list[ResamplingEvent] = []
+        self._grad: Tensor | None = None  # reward gradient at this step's x0-prediction (proposal=gradient)
+
+    def _shifts(self, i: int) -> bool:
+        return self.guided and self.setup.schedule.noise_stds[i] > 0.0
+
+    def reweight(self, i: int, x: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+        """Step ``i``'s potentials on the x0-prediction of ``out``, then resampling; gathers x, out, state."""
+        self._grad = None
+        at_potential = i in self.steps and self.lam > 0.0
+        if not (at_potential or self._shifts(i)):
+            return x, out
+        x0_hat = self.setup.schedule.predict(i, x, out)[0].detach()
+        known = None
+        if self._shifts(i):
+            known, self._grad = self.setup.rewards.value_and_grad(x0_hat)
+        if not at_potential:
+            return x, out
+        p = self.setup.num_prompts
+        r_s = self.intermediate(i, x, x0_hat, known)
+        log_g, self.state = self.potential.intermediate(r_s, self.state)
+        self.log_w = self.log_w + group_view(log_g, p)
+        _check_weights(self.log_w, i)
+        ancestors, resampled, ess = resample_groups(self.log_w, self.config.resampler, self.aux,
+                                                    self.config.ess_threshold)
+        index = flat_indices(ancestors)
+        x, out, self.state = x[index], out[index], self.state.select(index)
+        if self._grad is not None:
+            self._grad = self._grad[index]
+        self.log_w = torch.where(resampled.unsqueeze(-1), torch.zeros_like(self.log_w), self.log_w)
+        self.events.append(ResamplingEvent(i, ancestors, resampled, ess, group_view(r_s, p)))
+        return x, out
+
+    def shift(self, i: int, step: StepResult) -> Tensor | None:
+        """The gradient-guided proposal's mean shift delta_i (module docstring), or None."""
+        if self._grad is None or not self._shifts(i):
+            return None
+        schedule = self.setup.schedule
+        std, a1, s1 = schedule.noise_stds[i], schedule.next_alphas[i], schedule.next_sigmas[i]
+        return (self.config.proposal_scale * self.lam * std**2 * a1 / (a1 * a1 + s1 * s1)) * self._grad
+
+    def on_noise(self, i: int, delta: Tensor, z: Tensor) -> None:
+        """Weight correction of the shifted proposal: log N(x; mean, std^2) - log N(x; mean + delta, std^2)."""
+        std = self.setup.schedule.noise_stds[i]
+        # with x - mean - delta = std * z
+        d, zz = delta.flatten(1).double(), z.flatten(1).double()
+        self.log_w = self.log_w + group_view(-(zz * d).sum(1) / std - (d * d).sum(1) / (2 * std**2),
+                                             self.setup.num_prompts)
 
 
 def fk_sample(
@@ -117,12 +194,12 @@ def fk_sample(
     config: FKConfig | None = None,
     *,
     intermediate_fn: IntermediateFn | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
     step_callback: Callable[[int, Tensor], None] | None = None,
     **inputs: Any,
 ) -> SteeringResult:
-    """Run FK steering and return the final particles, their rewards, weights and ancestry.
+    """Run FK steering and return the final particles, their rewards, weights, ancestry and ESS.
 
     Args:
         denoiser: any callable ``(x_t, timestep [B], cond) -> model output``.
@@ -130,12 +207,19 @@ def fk_sample(
         reward_fn: ``(decoded samples, prompts or None) -> scores [B]`` (a :class:`rewards.Reward` works).
         config: :class:`FKConfig` (paper defaults when None).
         intermediate_fn: user intermediate reward for ``config.intermediate_reward='custom'``.
-        generator: noise generator (defaults to one seeded with ``config.seed``).
+        generator: None (default): particle k of every prompt draws its noise from a generator seeded
+            ``config.seed + k``, as image k of ``align sample``; one generator: the whole batch's noise
+            from it (diffusers' convention); a sequence: one generator per particle (prompt-major).
+            See :func:`align.steer.particles.particle_noise`.
         step_callback: called as ``step_callback(i, x0_hat)`` after step ``i``'s resampling with the
             x0-predictions of the current particles (e.g. to animate the particles denoising).
         inputs: what to sample, the keywords of :func:`align.steer.particles.prepare_particles`:
             ``sample_shape`` (required), per-prompt ``cond``/``uncond`` with ``guidance_scale``,
             ``num_prompts``, ``prompts``, ``decode_fn``, ``device``, ``dtype``, ``model_dtype``.
+
+    Warns:
+        LowESSWarning: once per call when a prompt's final ESS / K (before any final resampling) is
+            below ``config.ess_warning``.
     """
     config = config or FKConfig()
     check_reward_fn(reward_fn)
@@ -146,63 +230,25 @@ def fk_sample(
         denoiser, schedule, k, reward_fn=reward_fn, chunk_size=config.chunk_size,
         model_chunk_size=config.model_chunk_size, **inputs,
     )
-    noise_gen, aux_gen = make_generators(config.seed, generator)
-    lam = config.lambda_
-    p, n = setup.num_prompts, setup.num_particles
-    potential = Potential(config.potential, lam)
-    intermediate = _IntermediateReward(setup, config, intermediate_fn, aux_gen)
-    guided = config.proposal == "gradient" and lam > 0.0 and config.proposal_scale > 0.0
-
-    x = setup.initial_noise(noise_gen)
-    log_w = torch.zeros(p, k, dtype=torch.float64, device=setup.device)
-    state = PotentialState.initial(n, setup.device)
-    events: list[ResamplingEvent] = []
-    for i in tqdm(range(schedule.num_steps), desc="FK steering", disable=not progress, leave=False):
-        out = setup.predictor(i, x)
-        std = schedule.noise_stds[i]
-        at_potential = i in steps and lam > 0.0
-        shift_here = guided and std > 0.0
-        known = grad = None
-        if at_potential or shift_here:
-            x0_hat = schedule.predict(i, x, out)[0].detach()
-            if shift_here:
-                known, grad = setup.rewards.value_and_grad(x0_hat)
-            if at_potential:
-                r_s = intermediate(i, x, x0_hat, known)
-                log_g, state = potential.intermediate(r_s, state)
-                log_w = log_w + group_view(log_g, p)
-                _check_weights(log_w, i)
-                ancestors, resampled, ess = resample_groups(log_w, config.resampler, aux_gen, config.ess_threshold)
-                index = flat_indices(ancestors)
-                x, out, state = x[index], out[index], state.select(index)
-                if grad is not None:
-                    grad = grad[index]
-                log_w = torch.where(resampled.unsqueeze(-1), torch.zeros_like(log_w), log_w)
-                events.append(ResamplingEvent(i, ancestors, resampled, ess, group_view(r_s, p)))
-        if step_callback is not None:
-            step_callback(i, schedule.predict(i, x, out)[0].detach())
-        mean = schedule.transition(i, x, out).mean
-        if std == 0.0:
-            x = mean
-            continue
-        z = draw_noise(mean.shape, mean, noise_gen)
-        if not shift_here:
-            x = mean + std * z
-            continue
-        a1, s1 = schedule.next_alphas[i], schedule.next_sigmas[i]
-        delta = (config.proposal_scale * lam * std**2 * a1 / (a1 * a1 + s1 * s1)) * grad
-        x = mean + delta + std * z
-        # log N(x; mean, std^2) - log N(x; mean + delta, std^2), with x - mean - delta = std * z
-        d, zz = delta.flatten(1).double(), z.flatten(1).double()
-        log_w = log_w + group_view(-(zz * d).sum(1) / std - (d * d).sum(1) / (2 * std**2), p)
+    noise, aux = setup.noise(config.seed, generator)
+    lam, p = config.lambda_, setup.num_prompts
+    steering = _Steering(setup, config, steps, _IntermediateReward(setup, config, intermediate_fn, aux), aux)
+    x = run_chain(
+        schedule, setup.predictor, setup.initial_noise(noise), noise, reweight=steering.reweight,
+        shift=steering.shift, on_noise=steering.on_noise, step_callback=step_callback, progress=progress,
+        description="FK steering",
+    )
 
     final_rewards, images = setup.rewards.scores_and_images(x)
+    log_w, events = steering.log_w, steering.events
     if lam > 0.0:
-        log_w = log_w + group_view(potential.final(final_rewards, state), p)
+        log_w = log_w + group_view(steering.potential.final(final_rewards, steering.state), p)
         _check_weights(log_w, schedule.num_steps)
+    final_ess = effective_sample_size(log_w) / k
+    _warn_low_ess(final_ess, config)
     rewards = group_view(final_rewards, p)
     if config.final_resample:
-        ancestors, resampled, ess = resample_groups(log_w, config.resampler, aux_gen, 1.0)
+        ancestors, resampled, ess = resample_groups(log_w, config.resampler, aux, 1.0)
         index = flat_indices(ancestors)
         x, images = x[index], images[index]
         events.append(ResamplingEvent(schedule.num_steps, ancestors, resampled, ess, rewards))
@@ -215,6 +261,25 @@ def fk_sample(
         log_weights=normalize_log_weights(log_w),
         ancestry=events,
         counts=setup.counts,
+        final_relative_ess=final_ess,
+    )
+
+
+def _warn_low_ess(relative_ess: Tensor, config: FKConfig) -> None:
+    low = (relative_ess < config.ess_warning).nonzero().flatten().tolist()
+    if not low:
+        return
+    shown = 8  # a long prompt list would drown the advice
+    figures = ", ".join(f"prompt {j}: {float(relative_ess[j]):.3f}" for j in low[:shown])
+    if len(low) > shown:
+        figures += f" and {len(low) - shown} more prompts"
+    warnings.warn(
+        f"FK steering: the final effective sample size per particle (ESS/k) is below ess_warning="
+        f"{config.ess_warning} ({figures}; k={config.num_particles}); the weighted output rests on a few "
+        f"particles. Raise num_particles, lower lambda_ (now {config.lambda_}), or use potential='max' or "
+        "'difference'",
+        LowESSWarning,
+        stacklevel=3,
     )
 
 

@@ -59,6 +59,10 @@ class FKConfig:
         chunk_size: particles decoded and scored at once (bounds peak memory; None: all at once).
         model_chunk_size: particles per denoiser call (None: all particles in one batched call).
         seed: random seed of the initial noise, the sampler noise and the resampling (None: random).
+        ess_warning: warn (LowESSWarning, once per call) when a prompt's final ESS / num_particles,
+            before any final resampling, is below this fraction; 0 disables the warning.  ESS / k
+            cannot fall below 1 / k, so the default 0.3 fires at the paper's k = 4 when one particle
+            holds nearly all the weight (ESS < 1.2), and at k = 16 when ESS < 4.8.
     """
 
     num_particles: int = 4
@@ -77,6 +81,7 @@ class FKConfig:
     chunk_size: int | None = None
     model_chunk_size: int | None = None
     seed: int | None = 0
+    ess_warning: float = 0.3
 
     def __post_init__(self) -> None:
         from align.steer.potentials import POTENTIALS
@@ -100,6 +105,7 @@ class FKConfig:
         check_choice("proposal", self.proposal, PROPOSALS)
         check_range("proposal_scale", self.proposal_scale, 0.0, None)
         check_chunks_and_seed(self)
+        check_range("ess_warning", self.ess_warning, 0.0, 1.0)
 
     def potential_steps(self, num_steps: int) -> list[int]:
         """The sampler steps (0-based, of ``num_steps``) at which potentials are applied."""

@@ -1,8 +1,12 @@
-"""Plain (grad-free) text-to-image sampling with the toolkit's loop, seeded per image.
+"""Plain (grad-free) text-to-image sampling with the toolkit's chain, seeded per image.
 
-Each image has its own seed, so an image depends only on (prompt, seed, settings), never on
-the batch it was drawn in; the same seeds give the same images before and after fine-tuning,
-which is what before/after comparisons need.
+Each image has its own seed: its initial noise and step noise come from a generator of its own
+(:func:`align.core.chain.seeded_generators`), so an image depends only on (prompt, seed,
+settings), never on the batch it was drawn in; the same seeds give the same images before and
+after fine-tuning, which is what before/after comparisons need.  The chain is
+:func:`align.core.chain.run_chain` with a float32 state (only the model's input is cast to the
+model's dtype), the same chain and noise layout as the particle samplers: best-of-N, FK steering
+at lambda = 0 and RL guidance at w = 0 reproduce these images bitwise under the same seeds.
 """
 
 from __future__ import annotations
@@ -13,13 +17,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from align.core.chain import model_output, run_chain, seeded_generators
 from align.core.models import DiffusionModel
-from align.core.sampling import guided_prediction
 
-
-def seeded_generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
-    """One torch.Generator per seed (on ``device``; CPU generators work for any model device)."""
-    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+__all__ = ["generate", "seeded_generators"]
 
 
 @torch.no_grad()
@@ -40,7 +41,10 @@ def generate(
     progress: bool = False,
     max_sequence_length: int | None = None,
 ) -> Tensor:
-    """Images [N, 3, H, W] in [0, 1] for ``prompts[i]`` with ``seeds[i]`` (lists of equal length)."""
+    """Images [N, 3, H, W] in [0, 1] for ``prompts[i]`` with ``seeds[i]`` (lists of equal length).
+
+    ``return_latents``: the final latents (float32) instead of the decoded images.
+    """
     prompts, seeds = list(prompts), list(seeds)
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts and {len(seeds)} seeds; pass one seed per prompt")
@@ -55,10 +59,11 @@ def generate(
             chunk, guidance=guidance_scale != 1.0, negative_prompt=negative_prompt, height=h, width=w,
             max_sequence_length=max_sequence_length,
         )
-        x = schedule.initial_noise(model.latent_shape(len(chunk), h, w), gens, model.device, model.dtype)
-        for i in range(schedule.num_steps):
-            t = schedule.model_timestep(i, x.shape[0], x.device)
-            out = guided_prediction(model.denoiser, x, t, pc.cond, pc.uncond, guidance_scale)
-            x = schedule.step(i, x, out, generator=gens).prev_sample
+        x_T = schedule.initial_noise(model.latent_shape(len(chunk), h, w), gens, model.device, torch.float32)
+
+        def predict(i: int, x: Tensor, cond=pc.cond, uncond=pc.uncond) -> Tensor:
+            return model_output(model.denoiser, schedule, i, x, cond, uncond, guidance_scale, model.dtype)
+
+        x = run_chain(schedule, predict, x_T, gens)
         outputs.append(x if return_latents else model.decode(x))
     return torch.cat(outputs)

@@ -2,7 +2,9 @@
 
 Both take the same arguments as :func:`align.steer.fk.fk_sample` (any denoiser callable and schedule)
 and return a :class:`~align.steer.particles.SteeringResult` with evaluation counts, so that methods can
-be compared at matched compute.
+be compared at matched compute.  Both run :func:`align.core.chain.run_chain` with the particle
+samplers' seeds (sample k of every prompt from seed ``seed + k``); gradient guidance adds a
+``shift`` hook that moves each guided step's x0-prediction up the reward gradient.
 """
 
 from __future__ import annotations
@@ -10,21 +12,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from align.core.sampling import DenoiserFn, SamplingSchedule
+from align.core.chain import MeanShift, run_chain
+from align.core.sampling import DenoiserFn, Generators, SamplingSchedule, StepResult
 from align.steer.guidance_config import BestOfNConfig, GradientGuidanceConfig
 from align.steer.particles import (
     ParticleSetup,
     RewardFn,
     SteeringResult,
-    X0Shift,
     check_reward_fn,
     group_view,
-    make_generators,
     prepare_particles,
-    sample_chain,
 )
 
 __all__ = ["BestOfNConfig", "GradientGuidanceConfig", "best_of_n", "gradient_guidance"]
@@ -35,21 +34,20 @@ def _sample_and_score(
     schedule: SamplingSchedule,
     reward_fn: RewardFn,
     config: BestOfNConfig | GradientGuidanceConfig,
-    generator: torch.Generator | None,
+    generator: Generators,
     progress: bool,
     inputs: dict[str, Any],
     description: str,
-    make_shift: Callable[[ParticleSetup], X0Shift] | None = None,
+    make_shift: Callable[[ParticleSetup], MeanShift] | None = None,
 ) -> SteeringResult:
     check_reward_fn(reward_fn)
     setup = prepare_particles(
         denoiser, schedule, config.num_samples, reward_fn=reward_fn, chunk_size=config.chunk_size,
         model_chunk_size=config.model_chunk_size, **inputs,
     )
-    noise_gen, _ = make_generators(config.seed, generator)
-    x = sample_chain(schedule, setup.predictor, setup.initial_noise(noise_gen), noise_gen,
-                     x0_shift=None if make_shift is None else make_shift(setup), progress=progress,
-                     description=description)
+    noise, _ = setup.noise(config.seed, generator)
+    x = run_chain(schedule, setup.predictor, setup.initial_noise(noise), noise,
+                  shift=None if make_shift is None else make_shift(setup), progress=progress, description=description)
     scores, images = setup.rewards.scores_and_images(x)
     return SteeringResult(samples=x, images=images, rewards=group_view(scores, setup.num_prompts), counts=setup.counts)
 
@@ -60,7 +58,7 @@ def best_of_n(
     reward_fn: RewardFn,
     config: BestOfNConfig | None = None,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
     **inputs: Any,
 ) -> SteeringResult:
@@ -68,8 +66,9 @@ def best_of_n(
 
     ``inputs`` are the keywords of :func:`align.steer.particles.prepare_particles` (``sample_shape``,
     ``cond``, ``uncond``, ``guidance_scale``, ``prompts``, ``decode_fn``, ...), as for
-    :func:`align.steer.fk.fk_sample`.  Under the same seed the samples are exactly those of FK steering
-    with lambda = 0.
+    :func:`align.steer.fk.fk_sample`; ``generator`` as there (None: ``config.seed``, sample k of every
+    prompt from seed + k).  Under the same seed the samples are exactly those of FK steering with
+    lambda = 0 and of :func:`align.steer.generate.generate` with seeds seed, seed + 1, ...
     """
     config = config or BestOfNConfig()
     return _sample_and_score(denoiser, schedule, reward_fn, config, generator, progress, inputs, "best-of-N")
@@ -81,7 +80,7 @@ def gradient_guidance(
     reward_fn: RewardFn,
     config: GradientGuidanceConfig | None = None,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
     **inputs: Any,
 ) -> SteeringResult:
@@ -91,15 +90,16 @@ def gradient_guidance(
     """
     config = config or GradientGuidanceConfig()
 
-    def make_shift(setup: ParticleSetup) -> X0Shift:
+    def make_shift(setup: ParticleSetup) -> MeanShift:
         end = schedule.num_steps - 1 if config.end_step is None else config.end_step
         guided = range(config.start_step, end + 1)
 
-        def shift(i: int, x0_hat: Tensor) -> Tensor | None:
+        def shift(i: int, step: StepResult) -> Tensor | None:
+            # moving x0_hat by scale * grad (eps_hat kept) moves the step's mean by coef_x0[i] times that
             if config.scale == 0.0 or i not in guided:
                 return None
-            _, grad = setup.rewards.value_and_grad(x0_hat.detach())
-            return config.scale * grad
+            _, grad = setup.rewards.value_and_grad(step.x0_hat.detach())
+            return schedule.coef_x0[i] * (config.scale * grad)
 
         return shift
 

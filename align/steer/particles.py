@@ -2,9 +2,17 @@
 
 Particles are one batch, grouped by prompt (prompt-major: rows ``p * K .. p * K + K - 1`` belong
 to prompt ``p``), so that model calls, resampling and rewards are whole-batch tensor operations.
-This module holds what every sampler needs: counting model evaluations honestly (for matched
-compute comparisons), decoding and scoring in chunks of bounded size, seeded random streams, and
-the plain sampling chain.
+Every sampler runs the toolkit's one chain (:func:`align.core.chain.run_chain`) with its own
+hooks; this module holds what they share: counting model evaluations honestly (for matched
+compute comparisons), decoding and scoring in chunks of bounded size, and the seeded random
+streams.
+
+Seeds follow ``align sample``, whose image k of every prompt uses seed ``seed + k``: particle k of
+every prompt draws its initial noise and step noise from its own generator seeded ``seed + k``
+(:func:`particle_noise`), and the state is float32 with only the model's input cast to the model
+dtype, as in :func:`align.steer.generate.generate`.  So a sampler whose steering does nothing
+(best-of-N, FK at lambda = 0, RL guidance at w = 0) gives bitwise the images ``align sample``
+gives with the same seed, and no particle depends on the batch it was drawn in.
 """
 
 from __future__ import annotations
@@ -14,11 +22,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from align.core.chain import seeded_generators
 from align.core.denoisers import index_conditioning, repeat_conditioning
 from align.core.errors import AlignError
-from align.core.sampling import DenoiserFn, SamplingSchedule, guided_prediction
+from align.core.sampling import DenoiserFn, Generators, SamplingSchedule, guided_prediction
 
 Conditioning = Mapping[str, Tensor]
 #: reward on decoded samples: (images [B, ...], prompts or None) -> scores [B]
@@ -64,6 +72,11 @@ class ResamplingEvent:
     ess: Tensor
     rewards: Tensor
 
+    @property
+    def relative_ess(self) -> Tensor:
+        """ESS / K per prompt [P] (1: all particles count equally, 1/K: one particle holds the weight)."""
+        return self.ess / self.ancestors.shape[-1]
+
 
 @dataclass
 class SteeringResult:
@@ -76,6 +89,9 @@ class SteeringResult:
         log_weights: normalised log-weights [P, K] (FK; None for unweighted samplers).
         ancestry: the FK resampling events, in step order.
         counts: model, decode and reward evaluations.
+        final_relative_ess: ESS / K of each prompt's final weights [P], before any final
+            resampling (FK; None for unweighted samplers).  Near 1/K the weighted output rests on
+            a single particle.
     """
 
     samples: Tensor
@@ -84,6 +100,14 @@ class SteeringResult:
     log_weights: Tensor | None = None
     ancestry: list[ResamplingEvent] = field(default_factory=list)
     counts: EvalCounts = field(default_factory=EvalCounts)
+    final_relative_ess: Tensor | None = None
+
+    @property
+    def relative_ess(self) -> Tensor | None:
+        """ESS / K before resampling at each FK event [len(ancestry), P] (steps: ``event.step``), or None."""
+        if not self.ancestry:
+            return None
+        return torch.stack([e.relative_ess for e in self.ancestry])
 
     @property
     def num_prompts(self) -> int:
@@ -100,31 +124,36 @@ class SteeringResult:
         return self.rewards.amax(-1)
 
 
-def make_generators(
-    seed: int | None, generator: torch.Generator | None = None
-) -> tuple[torch.Generator, torch.Generator]:
-    """(noise generator, auxiliary generator) for one sampling run.
+def auxiliary_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The stream of a run's auxiliary draws (resampling, x0 samples), derived from its seed."""
+    return torch.Generator(device=device).manual_seed((seed * 6364136223846793005 + 1442695040888963407) % 2**63)
 
-    The noise generator draws x_T and the sampler noise, in the same order as the plain sampler,
-    so that a run whose steering does nothing reproduces the plain sampler under the same seed.
-    Resampling and other auxiliary draws use a second stream derived from the same seed.
+
+def particle_noise(
+    seed: int | None, generator: Generators, num_prompts: int, per_prompt: int
+) -> tuple[Generators, torch.Generator]:
+    """(noise of the particles, auxiliary generator) for one sampling run.
+
+    With ``generator`` None, particle k of every prompt draws its initial and step noise from a
+    generator of its own seeded ``seed + k`` (``seed`` None: a random seed), the convention of
+    ``align sample``.  A ``generator`` given explicitly is used as diffusers pipelines use it: one
+    generator draws the whole batch's noise (the samples then depend on the batch layout), a
+    sequence holds one generator per particle (prompt-major).  Auxiliary draws use a separate
+    stream derived from the seed (from the first generator's seed when generators are given).
     """
     if generator is None:
-        generator = torch.Generator()
         if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
-    aux = torch.Generator(device=generator.device)
-    aux.manual_seed((generator.initial_seed() * 6364136223846793005 + 1442695040888963407) % 2**63)
-    return generator, aux
-
-
-def draw_noise(shape: tuple[int, ...] | torch.Size, like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise (drawn in float32 on the generator's device, like the sampler's)."""
-    device = generator.device if generator is not None else like.device
-    noise = torch.randn(tuple(shape), generator=generator, device=device, dtype=torch.float32)
-    return noise.to(device=like.device, dtype=like.dtype)
+            seed = torch.Generator().seed() % 2**62
+        noise = seeded_generators([seed + k for _ in range(num_prompts) for k in range(per_prompt)])
+        return noise, auxiliary_generator(seed)
+    if isinstance(generator, torch.Generator):
+        return generator, auxiliary_generator(generator.initial_seed(), generator.device)
+    if len(generator) != num_prompts * per_prompt:
+        raise AlignError(
+            f"got {len(generator)} generators for {num_prompts} prompt(s) x {per_prompt} samples; pass one "
+            "generator, one per sample (prompt-major), or none (the config's seed)"
+        )
+    return generator, auxiliary_generator(generator[0].initial_seed(), generator[0].device)
 
 
 class Predictor:
@@ -275,9 +304,13 @@ class ParticleSetup:
     def num_particles(self) -> int:
         return self.num_prompts * self.per_prompt
 
-    def initial_noise(self, generator: torch.Generator) -> Tensor:
+    def noise(self, seed: int | None, generator: Generators = None) -> tuple[Generators, torch.Generator]:
+        """(particle noise, auxiliary generator): see :func:`particle_noise`."""
+        return particle_noise(seed, generator, self.num_prompts, self.per_prompt)
+
+    def initial_noise(self, noise: Generators) -> Tensor:
         shape = (self.num_particles, *self.sample_shape)
-        return self.schedule.initial_noise(shape, generator, self.device, self.dtype)
+        return self.schedule.initial_noise(shape, noise, self.device, self.dtype)
 
 
 def prepare_particles(
@@ -360,44 +393,6 @@ def prepare_particles(
         dtype=dtype,
         counts=counts,
     )
-
-
-#: (step, x0_hat) -> shift of x0_hat (or None); used by gradient guidance
-X0Shift = Callable[[int, Tensor], "Tensor | None"]
-
-
-def sample_chain(
-    schedule: SamplingSchedule,
-    predict: Callable[[int, Tensor], Tensor],
-    x: Tensor,
-    generator: torch.Generator | None,
-    *,
-    x0_shift: X0Shift | None = None,
-    progress: bool = False,
-    description: str = "sampling",
-) -> Tensor:
-    """The plain sampler: x_T -> x_0 with ``predict(i, x)`` giving the model output at step ``i``.
-
-    ``x0_shift`` moves the x0-prediction of a step (the noise prediction kept), which shifts the
-    step's mean by ``coef_x0[i] * shift``.
-    """
-    for i in tqdm(range(schedule.num_steps), desc=description, disable=not progress, leave=False):
-        out = predict(i, x)
-        step = schedule.transition(i, x, out)
-        mean = step.mean
-        if x0_shift is not None:
-            shift = x0_shift(i, step.x0_hat)
-            if shift is not None:
-                mean = mean + schedule.coef_x0[i] * shift
-        x = add_step_noise(mean, schedule.noise_stds[i], generator)
-    return x
-
-
-def add_step_noise(mean: Tensor, std: float, generator: torch.Generator | None) -> Tensor:
-    """mean + std * z, z ~ N(0, I) from ``generator`` (nothing drawn when std is 0)."""
-    if std == 0.0:
-        return mean
-    return mean + std * draw_noise(mean.shape, mean, generator)
 
 
 def group_view(values: Tensor, num_prompts: int) -> Tensor:

@@ -33,18 +33,17 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from align.core.chain import run_chain
 from align.core.denoisers import cat_conditioning
 from align.core.errors import AlignError
 from align.core.lora import adapters_disabled
-from align.core.sampling import DenoiserFn, SamplingSchedule
+from align.core.sampling import DenoiserFn, Generators, SamplingSchedule
 from align.steer.particles import (
     Conditioning,
     EvalCounts,
     Predictor,
     SteeringResult,
-    make_generators,
     prepare_particles,
-    sample_chain,
 )
 from align.steer.rlg_config import RLGConfig
 
@@ -242,7 +241,7 @@ def rlg_sample(
     *,
     cond_aligned: Conditioning | None = None,
     uncond_aligned: Conditioning | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     progress: bool = False,
     **inputs: Any,
 ) -> SteeringResult:
@@ -251,7 +250,11 @@ def rlg_sample(
     ``inputs`` are the keywords of :func:`align.steer.particles.prepare_particles` (``sample_shape``, per-prompt
     ``cond``/``uncond`` and ``guidance_scale`` of the base side, ``num_prompts``, ``device``, ``dtype``,
     ``model_dtype``); ``cond_aligned``/``uncond_aligned`` only when the aligned side encodes prompts
-    differently (a text-encoder adapter).  Returns the final samples (no decoding, no rewards).
+    differently (a text-encoder adapter).  The blend is the ``predict`` of the one sampling chain
+    (:func:`align.core.chain.run_chain`), seeded like the other particle samplers (``generator`` None:
+    sample k of every prompt from ``config.seed + k``; see :func:`align.steer.particles.particle_noise`),
+    so w = 0 reproduces :func:`align.steer.generate.generate` of the base model bitwise.  Returns the
+    final samples (no decoding, no rewards).
     """
     config = config or RLGConfig()
     k = config.num_samples
@@ -269,7 +272,6 @@ def rlg_sample(
         "uncond_aligned": per_sample(uncond_aligned),
     }
     predictor = _RLGPredictor(pair, base, conds, config)
-    noise_gen, _ = make_generators(config.seed, generator)
-    x = sample_chain(schedule, predictor, setup.initial_noise(noise_gen), noise_gen, progress=progress,
-                     description="RL guidance")
+    noise, _ = setup.noise(config.seed, generator)
+    x = run_chain(schedule, predictor, setup.initial_noise(noise), noise, progress=progress, description="RL guidance")
     return SteeringResult(samples=x, images=None, rewards=None, counts=setup.counts)

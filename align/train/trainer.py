@@ -366,7 +366,8 @@ class Trainer:
         plan_seed = _sample_seed(cfg.seed, step, 2**31 + micro)
         plan = self.policy.plan(self.schedule.num_steps, torch.Generator().manual_seed(plan_seed))
         pc = self._encode(prompts)
-        x_T = self.schedule.initial_noise(model.latent_shape(len(prompts), self.height, self.width), gens, model.device, model.dtype)
+        # the sampling state stays float32; only the denoiser's input is cast to the model dtype
+        x_T = self.schedule.initial_noise(model.latent_shape(len(prompts), self.height, self.width), gens, model.device)
         reference = None
         if method.kl_weight > 0:
             def reference(x, t, c):
@@ -377,6 +378,7 @@ class Trainer:
                 model.denoiser, self.schedule, x_T, pc.cond, pc.uncond, method.guidance_scale, plan,
                 generator=gens, gradient_checkpointing=cfg.gradient_checkpointing,
                 detach_denoiser_input=method.detach_denoiser_input, reference_denoiser=reference,
+                model_dtype=model.dtype,
             )
             images = model.decode(result.latents, gradient_checkpointing=cfg.gradient_checkpointing)
         copies = result.latents.shape[0] // len(prompts)
