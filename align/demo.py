@@ -253,11 +253,9 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
         bon = fk_pipe(steer_prompts, steer_reward, config=BestOfNConfig(num_samples=k, seed=config.seed), **common)
         spread = float(bon.rewards.float().std())
         lam = config.lambda_scale / spread if spread > 0 else 1.0
-        start = max(1, round(0.2 * config.num_steps))
-        end = max(start, round(0.8 * config.num_steps))
         fk_config = FKConfig(
-            num_particles=k, lambda_=lam, potential="max", resampler="systematic", resample_start=start,
-            resample_end=end, resample_interval=config.resample_interval, seed=config.seed,
+            num_particles=k, lambda_=lam, potential="max", resampler="systematic", resample_start=0.2,
+            resample_end=0.8, resample_interval=config.resample_interval, seed=config.seed,
         )
         fk = fk_pipe(steer_prompts, steer_reward, config=fk_config, step_callback=record, **common)
         base_images = fk_pipe(steer_prompts, steer_reward, config=BestOfNConfig(num_samples=1, seed=config.seed + 1), **common)

@@ -89,3 +89,13 @@ def test_output_dir_that_is_a_file_is_one_line_exit_2(command, tmp_path, capsys,
     code = main([command, "output_dir=afile/run"])
     err = capsys.readouterr().err
     assert code == 2 and "lies under 'afile', which is a file" in err
+
+
+def test_steer_with_few_steps_and_flags_after_overrides(tmp_path, capsys):
+    """`align steer -p x num_steps=4` needed three resampling fields changed; flags after key=value failed."""
+    out = tmp_path / "steer"
+    code = main(["steer", "-p", "a red circle on a blue background", "num_steps=4", "fk.num_particles=2", "-q",
+                 f"output_dir={out}"])
+    assert code == 0, capsys.readouterr().err
+    results = __import__("json").loads((out / "results.json").read_text())
+    assert [event["step"] for event in results["ancestry"]] == [1, 2, 3]

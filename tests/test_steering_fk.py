@@ -388,17 +388,34 @@ def test_deterministic_sampler_is_refused(kind, hint):
 def test_runtime_errors_are_clear():
     denoiser, schedule = toy(steps=20)
     with pytest.raises(AlignError, match="resample_start=20 is not a step of the 20-step sampler"):
-        fk_sample(denoiser, schedule, REWARD, FKConfig(), sample_shape=(1,), num_prompts=1)
+        fk_sample(denoiser, schedule, REWARD, FKConfig(resample_start=20, resample_end=80, resample_interval=20),
+                  sample_shape=(1,), num_prompts=1)
     small = FKConfig(resample_start=5, resample_end=15, resample_interval=5)
     with pytest.raises(AlignError, match="intermediate_reward='custom' needs intermediate_fn"):
-        fk_sample(denoiser, schedule, REWARD, FKConfig(resample_start=5, intermediate_reward="custom"),
+        fk_sample(denoiser, schedule, REWARD, FKConfig(resample_start=5, resample_end=15, intermediate_reward="custom"),
                   sample_shape=(1,), num_prompts=1)
     with pytest.raises(AlignError, match=r"weights became invalid at step 5 for prompts \[0, 1\]"):
         fk_sample(denoiser, schedule, lambda x, p: torch.full((x.shape[0],), float("nan")), small,
                   sample_shape=(1,), num_prompts=2)
     with pytest.raises(AlignError, match=r"reward returned \(3, 1\); expected a tensor of shape \[3\]"):
-        fk_sample(denoiser, schedule, lambda x, p: x, FKConfig(num_particles=3, resample_start=5), sample_shape=(1,),
+        fk_sample(denoiser, schedule, lambda x, p: x, FKConfig(num_particles=3, resample_start=5, resample_end=15), sample_shape=(1,),
                   num_prompts=1)
     with pytest.raises(AlignError, match="disagree on the number of prompts"):
         fk_sample(denoiser, schedule, REWARD, small, sample_shape=(1,), cond={"offset": torch.zeros(3, 1)},
                   prompts=["a", "b"])
+
+
+def test_resampling_window_scales_with_the_chain():
+    """Fractions of the chain (the default 20%..80% every 20%) fit any number of steps; integers are steps."""
+    default = FKConfig()
+    assert default.potential_steps(100) == [20, 40, 60, 80]  # the paper's schedule
+    assert default.potential_steps(4) == [1, 2, 3]  # `align steer num_steps=4` used to fail
+    assert default.potential_steps(20) == [4, 8, 12, 16]
+    assert FKConfig(resample_start=20, resample_end=80, resample_interval=20).potential_steps(100) == [20, 40, 60, 80]
+    assert FKConfig(resample_start=0.5, resample_end=9, resample_interval=2).potential_steps(10) == [5, 7, 9]
+    with pytest.raises(AlignError, match=r"resample_start=1.5 is a fraction of the chain and must lie in \[0, 1\]"):
+        FKConfig(resample_start=1.5)
+    with pytest.raises(AlignError, match=r"resample_end=0.2 \(step 2\) is before resample_start=5 \(step 5\)"):
+        FKConfig(resample_start=5, resample_end=0.2).potential_steps(10)
+    with pytest.raises(AlignError, match="resample_interval=0 steps must be at least 1"):
+        FKConfig(resample_interval=0)

@@ -50,8 +50,11 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        # Prefer the member whose kind matches the value (so "3" stays a str in str | int only
-        # when the annotation says so), then try coercions in declaration order.
+        # A value already of a member's exact type keeps it (1.0 stays a float in int | float:
+        # a fraction of the chain, not step 1); otherwise coercions are tried in declaration order.
+        for member in args:
+            if isinstance(member, type) and type(value) is member:
+                return value
         for member in args:
             if member is type(None):
                 continue

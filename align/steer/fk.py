@@ -8,7 +8,11 @@ their log-weights are updated and, when needed, the particles are resampled
 (:mod:`align.steer.resampling`).  After the last step the final potential makes the product of
 potentials along every path equal exp(lambda r(x0)), so the weighted particles target
 
-    p_theta(x0) exp(lambda r(x0)) / Z.
+    p_theta(x0) exp(lambda r(x0)) / Z
+
+exactly only as the number of particles K grows without bound: at practical K the potentials differ
+(``max`` and ``difference`` converge like 1/K on the analytic toy, ``sum`` does not; figures in
+:mod:`align.steer.potentials` and BENCHMARKS.md).
 
 Differences from the public code, all deliberate: log-space float64 weights (no clamping);
 weights carried forward on steps where ESS-adaptive resampling is skipped; four resamplers;

@@ -25,7 +25,8 @@ class FKConfig:
     """Feynman-Kac (SMC) steering: sample p(x0) exp(lambda r(x0)) / Z with particles (exactly as k -> infinity).
 
     Paper defaults (Singhal et al.): 4 particles, lambda 10, potential max, resampling every 20 of
-    100 DDIM (eta=1) steps in [20, 80].  Resampling needs a stochastic sampler (DDIM eta > 0, DDPM,
+    100 DDIM (eta=1) steps in [20, 80], i.e. every 20% of the chain from 20% to 80%: the window is
+    given as fractions of the chain, so it scales with num_steps (absolute steps are accepted too).  Resampling needs a stochastic sampler (DDIM eta > 0, DDPM,
     or the flow-matching SDE step, eta > 0).
 
     Attributes:
@@ -39,9 +40,11 @@ class FKConfig:
             use sum.  Figures in :mod:`align.steer.potentials` and BENCHMARKS.md.
         resampler: systematic (default, lowest variance), stratified, residual or multinomial (the
             public code's only choice).
-        resample_start: first sampler step (0-based) at which potentials are applied.
-        resample_end: last step (inclusive) at which potentials may be applied.
-        resample_interval: apply potentials every this many steps from resample_start to resample_end.
+        resample_start: where potentials start: a fraction of the chain (a float in [0, 1]: step
+            round(fraction * num_steps)) or an absolute 0-based step (an integer).
+        resample_end: the last step (inclusive) at which potentials may be applied, as a fraction or a step.
+        resample_interval: apply potentials every this many steps from resample_start to resample_end, as a
+            fraction of the chain (at least one step) or a number of steps.
         ess_threshold: resample a prompt's particles only when their effective sample size is below
             ess_threshold * num_particles; 1.0 resamples at every scheduled step (paper). Skipped
             steps carry the weights forward.
@@ -69,9 +72,9 @@ class FKConfig:
     lambda_: float = 10.0
     potential: str = "max"
     resampler: str = "systematic"
-    resample_start: int = 20
-    resample_end: int = 80
-    resample_interval: int = 20
+    resample_start: int | float = 0.2
+    resample_end: int | float = 0.8
+    resample_interval: int | float = 0.2
     ess_threshold: float = 1.0
     final_resample: bool = False
     intermediate_reward: str = "x0"
@@ -91,14 +94,15 @@ class FKConfig:
         check_range("lambda_", self.lambda_, 0.0, None)
         check_choice("potential", self.potential, sorted(POTENTIALS))
         check_choice("resampler", self.resampler, sorted(RESAMPLERS))
-        check_range("resample_start", self.resample_start, 0, None, integer=True)
-        check_range("resample_end", self.resample_end, 0, None, integer=True)
-        if self.resample_end < self.resample_start:
+        for name in ("resample_start", "resample_end", "resample_interval"):
+            _check_window_value(name, getattr(self, name))
+        if isinstance(self.resample_interval, int) and self.resample_interval < 1:
+            raise ConfigError(f"resample_interval={self.resample_interval!r} steps must be at least 1")
+        if type(self.resample_start) is type(self.resample_end) and self.resample_end < self.resample_start:
             raise ConfigError(
                 f"resample_end={self.resample_end!r} is before resample_start={self.resample_start!r}; "
                 "accepted: resample_end >= resample_start"
             )
-        check_range("resample_interval", self.resample_interval, 1, None, integer=True)
         check_range("ess_threshold", self.ess_threshold, 0.0, 1.0)
         check_choice("intermediate_reward", self.intermediate_reward, INTERMEDIATE_REWARDS)
         check_range("intermediate_samples", self.intermediate_samples, 1, None, integer=True)
@@ -109,10 +113,34 @@ class FKConfig:
 
     def potential_steps(self, num_steps: int) -> list[int]:
         """The sampler steps (0-based, of ``num_steps``) at which potentials are applied."""
-        if self.resample_start >= num_steps:
+        start = _window_step(self.resample_start, num_steps)
+        if start >= num_steps:
             raise ConfigError(
                 f"resample_start={self.resample_start} is not a step of the {num_steps}-step sampler; "
-                f"accepted: 0..{num_steps - 1} (the paper's [20, 80] every 20 assumes 100 steps)"
+                f"accepted: 0..{num_steps - 1}, or a fraction of the chain such as 0.2"
             )
-        end = min(self.resample_end, num_steps - 1)
-        return list(range(self.resample_start, end + 1, self.resample_interval))
+        end = min(_window_step(self.resample_end, num_steps), num_steps - 1)
+        if end < start:
+            raise ConfigError(
+                f"resample_end={self.resample_end!r} (step {end}) is before resample_start={self.resample_start!r} "
+                f"(step {start}) of the {num_steps}-step sampler"
+            )
+        interval = max(1, _window_step(self.resample_interval, num_steps))
+        return list(range(start, end + 1, interval))
+
+
+def _check_window_value(name: str, value: int | float) -> None:
+    """A window point is a fraction of the chain (float in [0, 1]) or an absolute step (integer >= 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name}={value!r} must be a fraction of the chain (e.g. 0.2) or a step number (e.g. 20)")
+    if isinstance(value, float) and not 0.0 <= value <= 1.0:
+        raise ConfigError(
+            f"{name}={value!r} is a fraction of the chain and must lie in [0, 1]; write an integer for an "
+            "absolute step (e.g. 20)"
+        )
+    if isinstance(value, int) and value < 0:
+        raise ConfigError(f"{name}={value!r} is out of range; accepted: a step >= 0 or a fraction in [0, 1]")
+
+
+def _window_step(value: int | float, num_steps: int) -> int:
+    return round(value * num_steps) if isinstance(value, float) else value
