@@ -123,7 +123,7 @@ def load_model(config: SampleConfig):
 
 def sample_to_folder(config: SampleConfig, model=None, progress: bool = True) -> tuple[Path, list[dict[str, Any]], Tensor]:
     """Sample every prompt ``images_per_prompt`` times; write PNGs, metadata.jsonl and grid.png."""
-    from align.core.images import make_grid, save_png, to_uint8
+    from align.core.images import save_grid, save_png, to_uint8
     from align.core.prompts import load_prompts
     from align.steer.generate import generate
 
@@ -146,7 +146,7 @@ def sample_to_folder(config: SampleConfig, model=None, progress: bool = True) ->
         records.append({"file_name": name, "prompt": prompt, "seed": seed})
     (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (out / SAMPLING_RECORD).write_text(json.dumps(sampling_record(config, model), indent=2))
-    save_png(make_grid(images, ncols=min(8, len(jobs))), out / "grid.png", scale=max(1, 128 // images.shape[-1]))
+    save_grid(images, out / "grid.png", ncols=min(8, len(jobs)))
     return out, records, images
 
 
@@ -251,7 +251,7 @@ def write_table(
 
 def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Score a folder of images, or a model's samples, with several rewards."""
-    from align.core.images import make_grid, save_png
+    from align.core.images import save_grid
 
     out = Path(config.output_dir)
     if config.images is not None:
@@ -272,5 +272,5 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
                   "sampling": json.loads((sample_dir / SAMPLING_RECORD).read_text())}
     scores = score_images(images, prompts, list(config.rewards), config.reward_batch_size)
     table = write_table(out, files, prompts, scores, scored)
-    save_png(make_grid(images, ncols=min(8, len(files))), out / "grid.png", scale=max(1, 128 // images.shape[-1]))
+    save_grid(images, out / "grid.png", ncols=min(8, len(files)))
     return table

@@ -214,6 +214,10 @@ def test_cli_guide(tmp_path, capsys):
     assert [r["weight"] for r in runs] == [0.0, 1.0, 2.0]
     assert [r["counts"]["model_rows"] for r in runs] == [2 * 2 * 4, 2 * 2 * 4, 4 * 2 * 4]
     assert all(len(list((out / f"w{w}").glob("*.png"))) == 2 for w in ("0", "1", "2"))
+    import imageio.v3 as iio
+
+    grid = iio.imread(out / "grid.png")  # a row per weight, two samples each, 32 px tiles enlarged 4x
+    assert grid.shape[:2] == (4 * (3 * 34 + 2), 4 * (2 * 34 + 2))
     assert "mean reward" in capsys.readouterr().out
     code = main(["guide", "-q", "--model", str(tmp_path / "model"), "-p", "a cat", "-o", str(out), "height=32",
                  "width=32"])

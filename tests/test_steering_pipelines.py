@@ -142,6 +142,14 @@ def test_cli_steer_writes_images_and_results(tmp_path, capsys):
     assert len(final_ess) == 2 and all(1 / 3 - 1e-9 <= e <= 1 + 1e-9 for e in final_ess)
     assert results["counts"]["model_rows"] == 6 * 2 * 3 * 2
     assert len(list((out / "particles").glob("*.png"))) == 6 and len(list((out / "best").glob("*.png"))) == 2
+    # grid.png: a row per prompt, its particles best first (32 px tiles enlarged 4x, 2 px padding)
+    import imageio.v3 as iio
+
+    grid = iio.imread(out / "grid.png")
+    assert grid.shape[:2] == (4 * (2 * (32 + 2) + 2), 4 * (3 * (32 + 2) + 2))
+    best_first = iio.imread(out / "best" / "p001.png")
+    row1 = grid[4 * (2 + 34): 4 * (2 + 34 + 32): 4, 4 * 2: 4 * (2 + 32): 4]
+    assert (row1.astype(int) - best_first.astype(int)).__abs__().max() == 0
     printed = capsys.readouterr().out
     assert "best reward" in printed and f"final {final_ess[1]:.2f}" in printed and "ESS/k by step {1: " in printed
     # the baseline at matched compute, from the same command

@@ -11,6 +11,8 @@ from typing import Any
 from align.core.errors import check_choice, check_device
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+#: images per row of a command's grid.png
+GRID_COLUMNS = 16
 
 
 def check_run_fields(config) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from align.commands._inference import (
+    GRID_COLUMNS,
     add_common_flags,
     check_run_fields,
     load_model,
@@ -15,7 +16,7 @@ from align.commands._inference import (
     save_images,
     write_results,
 )
-from align.commands.common import add_config_command
+from align.commands.common import add_config_command, plural
 from align.core.errors import ConfigError, check_range
 from align.steer.fk_config import check_chunks_and_seed
 
@@ -122,6 +123,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from align.core.images import save_grid
     from align.core.lora import load_lora
     from align.core.prompts import load_prompts
 
@@ -138,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = RLGuidancePipeline.from_pipe(model.pipe)
     pipe.set_progress_bar_config(disable=args.quiet)
     output = Path(config.output_dir)
-    runs = []
+    runs, rows = [], []
     for weight in config.weights:
         out = pipe(
             prompts, config=config.rlg_config(weight), negative_prompt=config.negative_prompt,
@@ -148,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         )
         names = [f"p{i:03d}_s{j:03d}" for i in range(len(prompts)) for j in range(config.num_samples)]
         save_images(out.images, output / f"w{weight:g}", names)
+        rows.append(out.images[:GRID_COLUMNS])
         entry = {"weight": weight, "folder": str(output / f"w{weight:g}"), "counts": out.counts.to_dict()}
         if out.rewards is not None:
             entry["rewards"] = out.rewards.tolist()
@@ -155,5 +160,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"w={weight:g}: mean reward {entry['mean_reward']:.4f}")
         runs.append(entry)
     path = write_results(output, config, {"prompts": prompts, "runs": runs})
-    print(f"images for {len(config.weights)} weights in {output}; results in {path}")
+    # one row per weight, the same prompts and seeds in every column
+    save_grid(torch.cat(rows), output / "grid.png", ncols=rows[0].shape[0])
+    print(f"images for {plural(len(config.weights), 'weight')} in {output} (grid: {output / 'grid.png'}); results in {path}")
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from align.commands._inference import (
+    GRID_COLUMNS,
     add_common_flags,
     check_run_fields,
     load_model,
@@ -15,7 +16,7 @@ from align.commands._inference import (
     save_images,
     write_results,
 )
-from align.commands.common import add_config_command
+from align.commands.common import add_config_command, plural
 from align.core.errors import check_choice
 from align.steer.fk_config import FKConfig
 from align.steer.guidance_config import GradientGuidanceConfig
@@ -109,6 +110,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from align.core.images import save_grid
     from align.core.prompts import load_prompts
 
     config = load_run_config(SteerConfig, args, {"reward": args.reward, "method": args.method})
@@ -130,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
     p, k = out.rewards.shape
     save_images(out.images, output / "particles", [f"p{i:03d}_k{j:03d}" for i in range(p) for j in range(k)])
     save_images(out.best_images, output / "best", [f"p{i:03d}" for i in range(p)])
+    # one row per prompt, its particles by reward (best first; at most GRID_COLUMNS)
+    shown = min(k, GRID_COLUMNS)
+    order = out.rewards.argsort(-1, descending=True)[:, :shown] + torch.arange(p).unsqueeze(1) * k
+    save_grid(out.images[order.flatten()], output / "grid.png", ncols=shown)
     results = {
         "prompts": prompts,
         "rewards": out.rewards.tolist(),
@@ -151,5 +159,5 @@ def run(args: argparse.Namespace) -> int:
             by_step = ", ".join(f"{e.step}: {float(e.relative_ess[i]):.2f}" for e in out.ancestry)
             line += f"; ESS/k by step {{{by_step}}}, final {float(out.final_relative_ess[i]):.2f}"
         print(line)
-    print(f"{p * k} images in {output / 'particles'}; results in {path}")
+    print(f"{plural(p * k, 'image')} in {output / 'particles'} (grid: {output / 'grid.png'}); results in {path}")
     return 0

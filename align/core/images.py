@@ -47,6 +47,12 @@ def save_png(image: np.ndarray | Tensor, path: str | Path, scale: int = 1) -> Pa
     return path
 
 
+def save_grid(images: Tensor, path: str | Path, ncols: int, min_tile: int = 128) -> Path:
+    """A grid of ``images`` [N, 3, H, W] with ``ncols`` columns, tiles enlarged (nearest) to at least
+    ``min_tile`` pixels wide so that small models' images can be seen."""
+    return save_png(make_grid(images, ncols=ncols), path, scale=max(1, min_tile // images.shape[-1]))
+
+
 def save_gif(frames: Sequence[np.ndarray], path: str | Path, fps: float = 6.0, scale: int = 1) -> Path:
     """Animated GIF (looping) from uint8 frames of equal shape."""
     import imageio.v3 as iio
