@@ -146,10 +146,10 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
     model_name = str(model.source) if model.source else (config.model if given_model is None else "an in-memory pipeline")
     summary: dict[str, Any] = {"config": to_dict(config), "model": model_name, "resolution": [h, w]}
     sections: list[Section] = []
-    parts = tqdm(total=3, desc="demo", disable=not progress, position=0)
+    # one bar per part, counting what that part repeats (optimiser steps, then sampler steps), so
+    # that its time estimate is honest; part 1's bar is the trainer's own
 
     # ---------------------------------------------------------------- 1. fine-tuning
-    parts.set_postfix_str("1/3 fine-tuning (DRaFT-K + LoRA)")
     train_cfg = TrainConfig(
         model=config.model, method="draft", reward=config.train_reward, prompts=list(train_prompts),
         output_dir=str(out / "train"), seed=config.seed, max_steps=config.train_steps, batch_size=config.batch_size,
@@ -232,10 +232,8 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
             ],
         )
     )
-    parts.update(1)
 
     # ---------------------------------------------------------------- 2. FK steering vs best-of-N
-    parts.set_postfix_str("2/3 FK steering vs best-of-N")
     steer_reward = build_reward(config.steer_reward)
     steer_prompts = heldout[: config.steer_prompts]
     k = config.num_particles
@@ -244,13 +242,20 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
     common = dict(num_inference_steps=config.num_steps, guidance_scale=config.guidance_scale, eta=1.0,
                   height=h, width=w, output_type="pt")
     frames_latents: list[torch.Tensor] = []
+    bar = tqdm(total=3 * config.num_steps, desc="demo 2/3: best-of-N, FK, plain sampling", unit="step",
+               disable=not progress, dynamic_ncols=True)
+
+    def advance(i: int, x0_hat: torch.Tensor) -> None:
+        bar.update(1)
 
     def record(i: int, x0_hat: torch.Tensor) -> None:
+        bar.update(1)
         if i % config.gif_stride == 0 or i == config.num_steps - 1:
             frames_latents.append(x0_hat[:k].clone())
 
     with adapters_disabled(model):
-        bon = fk_pipe(steer_prompts, steer_reward, config=BestOfNConfig(num_samples=k, seed=config.seed), **common)
+        bon = fk_pipe(steer_prompts, steer_reward, config=BestOfNConfig(num_samples=k, seed=config.seed),
+                      step_callback=advance, **common)
         spread = float(bon.rewards.float().std())
         lam = config.lambda_scale / spread if spread > 0 else 1.0
         fk_config = FKConfig(
@@ -258,7 +263,10 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
             resample_end=0.8, resample_interval=config.resample_interval, seed=config.seed,
         )
         fk = fk_pipe(steer_prompts, steer_reward, config=fk_config, step_callback=record, **common)
-        base_images = fk_pipe(steer_prompts, steer_reward, config=BestOfNConfig(num_samples=1, seed=config.seed + 1), **common)
+        # seed + k: a seed none of the k particles used, so the plain sample is independent of them
+        base_images = fk_pipe(steer_prompts, steer_reward, config=BestOfNConfig(num_samples=1, seed=config.seed + k),
+                              step_callback=advance, **common)
+    bar.close()
     fk_best, bon_best = fk.rewards.max(1).values, bon.rewards.max(1).values
     save_png(make_grid(bon.best_images, ncols=len(steer_prompts)), report_dir / "steer_best_of_n.png", scale=scale)
     save_png(make_grid(fk.best_images, ncols=len(steer_prompts)), report_dir / "steer_fk.png", scale=scale)
@@ -312,20 +320,20 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
             table,
         )
     )
-    parts.update(1)
 
     # ---------------------------------------------------------------- 3. RL guidance sweep
-    parts.set_postfix_str("3/3 RL guidance sweep")
     rlg_pipe = RLGuidancePipeline.from_pipe(model.pipe)
     rlg_pipe.set_progress_bar_config(disable=True)
     guide_prompts = heldout[: max(1, min(len(heldout), 8))]
     sweep_rows, sweep_images = [], []
+    bar = tqdm(total=len(config.guidance_weights) * config.num_steps, desc="demo 3/3: RL guidance sweep", unit="step",
+               disable=not progress, dynamic_ncols=True)
     for weight in config.guidance_weights:
         gen = torch.Generator().manual_seed(config.seed + 7)
         res = rlg_pipe(
             guide_prompts, weight=float(weight), num_samples=config.guide_seeds, reward=train_reward,
             num_inference_steps=config.num_steps, guidance_scale=config.guidance_scale, height=h, width=w,
-            generator=gen, output_type="pt",
+            generator=gen, output_type="pt", step_callback=advance,
         )
         r = res.rewards.float()
         row = {"w": float(weight), "mean reward": float(r.mean()), "std": float(r.std())}
@@ -378,8 +386,7 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
             sweep_rows,
         )
     )
-    parts.update(1)
-    parts.close()
+    bar.close()
 
     summary["checks"] = {
         "finetuned_above_base": finetune["improved"],

@@ -131,8 +131,8 @@ class FKSteeringPipeline(SteeringPipelineBase):
             generator: None: the config's ``seed`` (particle k of every prompt from seed + k, as
                 ``align sample``); a generator: the whole batch's noise from it (diffusers' convention).
             output_type: 'pil', 'np', 'pt' (tensor in [0, 1]) or 'latent'.
-            step_callback: FK only: ``step_callback(i, x0_hat)`` after each step with the latent
-                x0-predictions of the current particles (after that step's resampling).
+            step_callback: ``step_callback(i, x0_hat)`` after each step with the latent x0-predictions of
+                the current particles (for FK: after that step's resampling).
             config_fields: any field of the config, e.g. ``num_particles=8, lambda_=5.0``.
         """
         config = apply_overrides(config if config is not None else FKConfig(), config_fields)
@@ -158,9 +158,9 @@ class FKSteeringPipeline(SteeringPipelineBase):
                 step_callback=step_callback, **inputs,
             )
         elif isinstance(config, BestOfNConfig):
-            result = best_of_n(model.denoiser, schedule, reward_fn, config, **inputs)
+            result = best_of_n(model.denoiser, schedule, reward_fn, config, step_callback=step_callback, **inputs)
         elif isinstance(config, GradientGuidanceConfig):
-            result = gradient_guidance(model.denoiser, schedule, reward_fn, config, **inputs)
+            result = gradient_guidance(model.denoiser, schedule, reward_fn, config, step_callback=step_callback, **inputs)
         else:
             raise AlignError(
                 f"config={type(config).__name__} is not supported; accepted: FKConfig, BestOfNConfig, GradientGuidanceConfig"

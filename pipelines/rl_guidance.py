@@ -17,7 +17,7 @@ convention).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,7 @@ class RLGuidancePipeline(SteeringPipelineBase):
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         max_sequence_length: int | None = None,
+        step_callback: Callable[[int, torch.Tensor], None] | None = None,
         **config_fields: Any,
     ) -> RLGuidancePipelineOutput:
         """Sample with v = v_base + weight (v_aligned - v_base).
@@ -82,6 +83,7 @@ class RLGuidancePipeline(SteeringPipelineBase):
             generator: None: the config's ``seed`` (sample k of every prompt from seed + k); a
                 generator: the whole batch's noise from it (diffusers' convention).
             output_type: 'pil', 'np', 'pt' (tensor in [0, 1]) or 'latent'.
+            step_callback: ``step_callback(i, x0_hat)`` after each step with the latent x0-predictions.
         """
         config = apply_overrides(config if config is not None else RLGConfig(), config_fields)
         prompts = self._prompts(prompt)
@@ -106,7 +108,8 @@ class RLGuidancePipeline(SteeringPipelineBase):
             uncond=base.uncond, guidance_scale=scale if cfg else 1.0,
             cond_aligned=None if aligned is None else aligned.cond,
             uncond_aligned=None if aligned is None else aligned.uncond,
-            generator=as_generator(generator), progress=self._show_progress, device=model.device,
+            generator=as_generator(generator), progress=self._show_progress, step_callback=step_callback,
+            device=model.device,
             dtype=torch.float32, model_dtype=model.dtype,
         )
         images = model.decode(result.samples, chunk_size=config.model_chunk_size)

@@ -11,13 +11,38 @@ from align.core.models import DiffusionModel
 from align.demo import DemoConfig, _spearman, run_demo
 
 
-def test_demo_writes_report_and_summary(tmp_path):
+class _RecordedBar:
+    """A tqdm stand-in that records each bar's description, total and final count."""
+
+    bars: list = []
+
+    def __init__(self, total=None, desc="", disable=False, **_):
+        self.total, self.desc, self.n = total, desc, 0
+        _RecordedBar.bars.append(self)
+
+    def update(self, n=1):
+        self.n += n
+
+    def close(self):
+        self.closed = True
+
+
+def test_demo_writes_report_and_summary(tmp_path, monkeypatch):
+    import align.demo
+
+    monkeypatch.setattr(align.demo, "tqdm", _RecordedBar)
+    _RecordedBar.bars = []
     cfg = DemoConfig(
         output_dir=str(tmp_path / "demo"), num_steps=6, train_steps=4, batch_size=2,
         prompts=["a red circle", "a blue square"], heldout_prompts=["a green circle", "a red square", "a blue circle"],
         steer_prompts=2, num_particles=4, guide_seeds=1, eval_seeds=1, train_reward="brightness",
     )
-    summary = run_demo(cfg, model=DiffusionModel(tiny_pipeline("sd")), progress=False)
+    summary = run_demo(cfg, model=DiffusionModel(tiny_pipeline("sd")), progress=True)
+    # parts 2 and 3 each have one bar whose count reaches its total exactly (honest time estimates)
+    assert [(b.desc[:8], b.total, b.n) for b in _RecordedBar.bars] == [
+        ("demo 2/3", 3 * cfg.num_steps, 3 * cfg.num_steps),
+        ("demo 3/3", len(cfg.guidance_weights) * cfg.num_steps, len(cfg.guidance_weights) * cfg.num_steps),
+    ]
     report = tmp_path / "demo" / "report"
     for name in ("index.html", "finetune_before.png", "finetune_after.png", "reward_curve.png", "steer_fk.png",
                  "steer_best_of_n.png", "fk_particles.gif", "guidance_sweep.png", "reward_vs_w.png"):

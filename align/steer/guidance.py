@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import Tensor
 
-from align.core.chain import MeanShift, run_chain
+from align.core.chain import MeanShift, StepCallback, run_chain
 from align.core.sampling import DenoiserFn, Generators, SamplingSchedule, StepResult
 from align.steer.guidance_config import BestOfNConfig, GradientGuidanceConfig
 from align.steer.particles import (
@@ -39,6 +39,7 @@ def _sample_and_score(
     inputs: dict[str, Any],
     description: str,
     make_shift: Callable[[ParticleSetup], MeanShift] | None = None,
+    step_callback: StepCallback | None = None,
 ) -> SteeringResult:
     check_reward_fn(reward_fn)
     setup = prepare_particles(
@@ -47,7 +48,8 @@ def _sample_and_score(
     )
     noise, _ = setup.noise(config.seed, generator)
     x = run_chain(schedule, setup.predictor, setup.initial_noise(noise), noise,
-                  shift=None if make_shift is None else make_shift(setup), progress=progress, description=description)
+                  shift=None if make_shift is None else make_shift(setup), step_callback=step_callback,
+                  progress=progress, description=description)
     scores, images = setup.rewards.scores_and_images(x)
     return SteeringResult(samples=x, images=images, rewards=group_view(scores, setup.num_prompts), counts=setup.counts)
 
@@ -60,6 +62,7 @@ def best_of_n(
     *,
     generator: Generators = None,
     progress: bool = False,
+    step_callback: StepCallback | None = None,
     **inputs: Any,
 ) -> SteeringResult:
     """Sample ``num_samples`` per prompt in one batch and score them; ``best_indices()`` picks the winners.
@@ -71,7 +74,8 @@ def best_of_n(
     lambda = 0 and of :func:`align.steer.generate.generate` with seeds seed, seed + 1, ...
     """
     config = config or BestOfNConfig()
-    return _sample_and_score(denoiser, schedule, reward_fn, config, generator, progress, inputs, "best-of-N")
+    return _sample_and_score(denoiser, schedule, reward_fn, config, generator, progress, inputs, "best-of-N",
+                             step_callback=step_callback)
 
 
 def gradient_guidance(
@@ -82,11 +86,12 @@ def gradient_guidance(
     *,
     generator: Generators = None,
     progress: bool = False,
+    step_callback: StepCallback | None = None,
     **inputs: Any,
 ) -> SteeringResult:
     """Sample with the x0-prediction pushed up the reward gradient at every guided step.
 
-    ``inputs`` as for :func:`best_of_n`.
+    ``inputs`` and ``step_callback`` as for :func:`best_of_n`.
     """
     config = config or GradientGuidanceConfig()
 
@@ -104,4 +109,4 @@ def gradient_guidance(
         return shift
 
     return _sample_and_score(denoiser, schedule, reward_fn, config, generator, progress, inputs,
-                             "gradient guidance", make_shift)
+                             "gradient guidance", make_shift, step_callback)

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from align.core.chain import run_chain
+from align.core.chain import StepCallback, run_chain
 from align.core.denoisers import cat_conditioning
 from align.core.errors import AlignError
 from align.core.lora import adapters_disabled
@@ -243,6 +243,7 @@ def rlg_sample(
     uncond_aligned: Conditioning | None = None,
     generator: Generators = None,
     progress: bool = False,
+    step_callback: StepCallback | None = None,
     **inputs: Any,
 ) -> SteeringResult:
     """Sample ``config.num_samples`` per prompt with the RLG blend at every step.
@@ -273,5 +274,6 @@ def rlg_sample(
     }
     predictor = _RLGPredictor(pair, base, conds, config)
     noise, _ = setup.noise(config.seed, generator)
-    x = run_chain(schedule, predictor, setup.initial_noise(noise), noise, progress=progress, description="RL guidance")
+    x = run_chain(schedule, predictor, setup.initial_noise(noise), noise, step_callback=step_callback, progress=progress,
+                  description="RL guidance")
     return SteeringResult(samples=x, images=None, rewards=None, counts=setup.counts)
