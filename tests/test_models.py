@@ -5,7 +5,7 @@ import torch
 
 from align.builtin.testing import tiny_pipeline
 from align.core.errors import AlignError
-from align.core.models import DiffusionModel, resolve_model
+from align.core.models import DiffusionModel, load_model, resolve_model
 from align.core.sampling import guided_prediction
 
 PROMPTS = ["a red circle", "a blue square on a green background"]
@@ -63,13 +63,13 @@ def test_missing_model_path_is_named(tmp_path):
 def test_offline_hub_id_not_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(AlignError, match="offline mode.*not in the local Hugging Face cache"):
-        DiffusionModel.from_pretrained("someone/not-a-cached-model", offline=True)
+        load_model("someone/not-a-cached-model", offline=True)
 
 
 def test_local_folder_roundtrip(tmp_path):
     pipe = tiny_pipeline("sd")
     pipe.save_pretrained(tmp_path / "m")
-    model = DiffusionModel.from_pretrained(str(tmp_path / "m"), offline=True)
+    model = load_model(str(tmp_path / "m"), device="cpu", offline=True)
     assert model.family == "sd"
     for a, b in zip(model.module.parameters(), pipe.unet.parameters()):
         assert torch.equal(a, b)
@@ -79,8 +79,8 @@ def test_pickle_weights_refused(tmp_path):
     pipe = tiny_pipeline("sd")
     pipe.save_pretrained(tmp_path / "m", safe_serialization=False)
     with pytest.raises(AlignError, match="pickle checkpoints are refused"):
-        DiffusionModel.from_pretrained(str(tmp_path / "m"), offline=True)
-    model = DiffusionModel.from_pretrained(str(tmp_path / "m"), offline=True, allow_pickle=True)
+        load_model(str(tmp_path / "m"), device="cpu", offline=True)
+    model = load_model(str(tmp_path / "m"), device="cpu", offline=True, allow_pickle=True)
     assert model.family == "sd"
 
 
