@@ -66,7 +66,8 @@ class TrainConfig:
         max_steps: optimiser steps.
         batch_size: images per process per micro-step.
         gradient_accumulation_steps: micro-steps per optimiser step.
-        lr_schedule: constant, linear (decay to 0) or cosine.
+        lr_schedule: constant, linear (decay to 0) or cosine; it advances once per optimiser step (skipped steps
+            included), whatever the number of processes.
         lr_warmup_steps: linear warm-up steps.
         mixed_precision: auto, no, fp16 or bf16 (frozen weights in that dtype, except modules their library keeps in
             fp32; LoRA weights stay fp32; fp16 uses loss scaling). auto: bf16 on a CUDA device that supports it, fp16
@@ -329,7 +330,10 @@ class Trainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(cfg.lr_schedule, cfg.lr_warmup_steps, cfg.max_steps)
         )
-        self.optimizer, self.lr_scheduler = acc.prepare(self.optimizer, self.lr_scheduler)
+        # The scheduler is not prepared: accelerate's AcceleratedScheduler steps it num_processes times
+        # per call (it assumes the per-process batch, not the global one, defines a step) and not at all
+        # after a skipped fp16 step.  Here it steps exactly once per optimiser step, on every process.
+        self.optimizer = acc.prepare(self.optimizer)
         self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
         self.checkpoints = CheckpointManager(self.output_dir, keep=cfg.keep_checkpoints)
         self.step = 0
@@ -474,6 +478,7 @@ class Trainer:
                         for e, p in zip(self.ema, self.params):
                             e.lerp_(p.detach(), 1.0 - cfg.ema_decay)
         self.optimizer.zero_grad(set_to_none=True)
+        lr = float(self.lr_scheduler.get_last_lr()[0])  # the rate this step used
         self.lr_scheduler.step()
         if skipped:
             self.skipped += 1
@@ -486,7 +491,7 @@ class Trainer:
             step=self.step,
             loss=float(np.mean(losses)) if losses else float("nan"),
             grad_norm=grad_norm,
-            lr=float(self.lr_scheduler.get_last_lr()[0]),
+            lr=lr,
             step_time_s=time.perf_counter() - start,
             peak_memory_mb=_peak_memory_mb(acc.device),
             skipped=int(skipped),
