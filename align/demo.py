@@ -114,9 +114,8 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
     """Run the three parts and write the report; returns the summary (also in summary.json)."""
     from align.core.images import make_grid, save_gif, save_png
     from align.core.lora import adapters_disabled
-    from align.core.models import DiffusionModel
+    from align.core.models import load_model
     from align.core.prompts import load_prompts
-    from align.evaluate import resolve_device
     from align.report import Figure, Section, moving_average, plot_lines, write_html
     from align.steer.fk_config import FKConfig
     from align.steer.generate import generate
@@ -135,10 +134,10 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
             path.unlink()
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
     given_model = model
     if model is None:
-        model = DiffusionModel.from_pretrained(config.model, device=device)
+        # dtype "auto", as the trainer's mixed_precision "auto" below: the same weights serve all three parts
+        model = load_model(config.model, device=config.device)
     h, w = (config.height, config.width) if config.height and config.width else model.default_resolution()
     scale = max(1, 96 // w)  # enlarge tiny images in the report
     train_prompts = load_prompts(config.prompts)
@@ -395,7 +394,7 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
     }
     summary["seconds"] = round(time.perf_counter() - started, 1)
     checks = [{"expectation": k_, "holds": v} for k_, v in summary["checks"].items()]
-    sections.insert(0, Section("Summary", f"Finished in {summary['seconds']:.0f} s on {device}.", table=checks))
+    sections.insert(0, Section("Summary", f"Finished in {summary['seconds']:.0f} s on {model.device} ({model.dtype}).", table=checks))
     write_html(
         report_dir / "index.html", "diffusion-align demo",
         sections, subtitle=f"model: {model_name} ({model.family}, {h}x{w} px)",

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from align.core.errors import AlignError, ConfigError, check_device, check_range
+from align.core.errors import AlignError, ConfigError, check_choice, check_device, check_range
+from align.core.models import DEFAULT_DISTILLED_GUIDANCE, DTYPE_CHOICES, check_guidance
 from align.core.paths import check_output_dir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -39,7 +40,10 @@ class SampleConfig:
         images_per_prompt: images per prompt (seeds seed, seed+1, ...).
         seed: first seed.
         num_steps: sampling steps.
-        guidance_scale: classifier-free guidance scale.
+        guidance_scale: classifier-free guidance scale (not used by guidance-distilled models such as FLUX-dev
+            unless true_cfg is set).
+        distilled_guidance: the guidance value a guidance-distilled model (FLUX-dev) embeds; ignored by other models.
+        true_cfg: run classifier-free guidance on a guidance-distilled model too (twice the denoiser compute).
         sampler: auto, ddim, ddpm or flow.
         eta: DDIM eta / flow-step stochasticity.
         height: image height (default: the model's native size).
@@ -47,7 +51,12 @@ class SampleConfig:
         batch_size: images per forward batch.
         output_dir: folder for the images, metadata.jsonl and grid.png.
         device: auto, cpu, cuda or cuda:N.
+        dtype: weight dtype: auto (bfloat16 on a CUDA device that supports it, float16 on other CUDA devices,
+            float32 on the CPU), float32, float16 or bfloat16.
+        upcast_vae: always decode in float32 (false: only where diffusers does, when the weights are float16 and
+            the VAE's config sets force_upcast, as SDXL's VAE does).
         offline: only use local files (default: HF_HUB_OFFLINE).
+        allow_pickle: allow loading pickle checkpoints (unsafe with untrusted files).
     """
 
     model: str = "builtin"
@@ -57,6 +66,8 @@ class SampleConfig:
     seed: int = 0
     num_steps: int = 30
     guidance_scale: float = 5.0
+    distilled_guidance: float = DEFAULT_DISTILLED_GUIDANCE
+    true_cfg: bool = False
     sampler: str = "auto"
     eta: float = 0.0
     height: int | None = None
@@ -64,13 +75,16 @@ class SampleConfig:
     batch_size: int = 8
     output_dir: str = "samples"
     device: str = "auto"
+    dtype: str = "auto"
+    upcast_vae: bool = False
     offline: bool | None = None
+    allow_pickle: bool = False
 
     def __post_init__(self) -> None:
         check_range("images_per_prompt", self.images_per_prompt, 1, 10_000, integer=True)
         check_range("seed", self.seed, 0, 2**63 - 1, integer=True)
         check_range("num_steps", self.num_steps, 1, 1000, integer=True)
-        check_range("guidance_scale", self.guidance_scale, 0.0, None)
+        check_guidance(self.guidance_scale, self.distilled_guidance, self.true_cfg)
         check_range("eta", self.eta, 0.0, None)
         check_range("batch_size", self.batch_size, 1, None, integer=True)
         for name in ("height", "width"):
@@ -78,6 +92,7 @@ class SampleConfig:
                 check_range(name, getattr(self, name), 1, None, integer=True)
         check_device("device", self.device)
         check_output_dir("output_dir", self.output_dir)
+        check_choice("dtype", self.dtype, DTYPE_CHOICES)
 
 
 @dataclass
@@ -102,38 +117,25 @@ class EvalConfig(SampleConfig):
         check_range("reward_batch_size", self.reward_batch_size, 1, None, integer=True)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AlignError(f"device={device!r} but no CUDA device is available; use device=cpu")
-    return torch.device(device)
-
-
-def load_model(config: SampleConfig):
-    """The configured model on its device, with the LoRA loaded when given."""
-    from align.core.lora import load_lora
-    from align.core.models import DiffusionModel
-
-    model = DiffusionModel.from_pretrained(config.model, device=resolve_device(config.device), offline=config.offline)
-    if config.lora:
-        load_lora(model, config.lora)
-    return model
-
-
 def sample_to_folder(config: SampleConfig, model=None, progress: bool = True) -> tuple[Path, list[dict[str, Any]], Tensor]:
     """Sample every prompt ``images_per_prompt`` times; write PNGs, metadata.jsonl and grid.png."""
     from align.core.images import save_grid, save_png, to_uint8
+    from align.core.models import load_model
     from align.core.prompts import load_prompts
     from align.steer.generate import generate
 
-    model = model if model is not None else load_model(config)
+    if model is None:
+        model = load_model(
+            config.model, dtype=config.dtype, device=config.device, lora=config.lora, offline=config.offline,
+            allow_pickle=config.allow_pickle, upcast_vae=config.upcast_vae,
+        )
+    model.distilled_guidance = config.distilled_guidance
     prompts = load_prompts(config.prompts)
     jobs = [(p, config.seed + k) for p in prompts for k in range(config.images_per_prompt)]
     images = generate(
         model, [p for p, _ in jobs], [s for _, s in jobs], num_steps=config.num_steps,
-        guidance_scale=config.guidance_scale, sampler=config.sampler, eta=config.eta, height=config.height,
-        width=config.width, batch_size=config.batch_size, progress=progress,
+        guidance_scale=model.cfg_scale(config.guidance_scale, true_cfg=config.true_cfg), sampler=config.sampler,
+        eta=config.eta, height=config.height, width=config.width, batch_size=config.batch_size, progress=progress,
     )
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

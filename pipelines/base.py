@@ -34,7 +34,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderMo
 
 from align.core.errors import AlignError, check_choice
 from align.core.lora import adapters_disabled, text_encoders
-from align.core.models import DiffusionModel, PromptConditioning
+from align.core.models import DEFAULT_DISTILLED_GUIDANCE, DiffusionModel, PromptConditioning
 
 #: family -> diffusers pipeline class whose prompt encoding the family uses
 FAMILY_PIPELINES = {
@@ -44,7 +44,7 @@ FAMILY_PIPELINES = {
     "flux": "FluxPipeline",
 }
 #: classifier-free (or, for FLUX, distilled) guidance scale of each family's diffusers pipeline
-DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": 3.5}
+DEFAULT_GUIDANCE = {"sd": 7.5, "sdxl": 5.0, "sd3": 7.0, "flux": DEFAULT_DISTILLED_GUIDANCE}
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -110,14 +110,26 @@ class SteeringPipelineBase(DiffusionPipeline):
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
-        """diffusers' ``from_pipe``, keeping the source pipeline's dtype unless ``torch_dtype`` is given
-        (diffusers would cast the shared components to float32)."""
-        if "torch_dtype" not in kwargs and "dtype" not in kwargs:
-            kwargs["torch_dtype"] = pipeline.dtype
-        with warnings.catch_warnings():
-            # diffusers >= 0.40 renamed torch_dtype to dtype; the old name works on every version
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            new = super().from_pipe(pipeline, **kwargs)
+        """diffusers' ``from_pipe``, leaving the shared components' dtypes as they are unless ``torch_dtype``
+        is given.
+
+        diffusers casts every component to one dtype (float32 by default), which would also cast the
+        components of ``pipeline`` (they are shared) and undo the float32 parts kept beside
+        half-precision weights (a float32 VAE, T5's ``wo``); those parts get their tensors back.
+        """
+        keep = "torch_dtype" not in kwargs and "dtype" not in kwargs
+        modules = [m for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]
+        if keep:
+            # the denoiser's dtype: the large weights are not even transiently cast
+            denoiser = getattr(pipeline, "unet", None) or getattr(pipeline, "transformer", None)
+            kwargs["torch_dtype"] = denoiser.dtype if denoiser is not None else pipeline.dtype
+        with contextlib.ExitStack() as stack:
+            if keep:
+                stack.enter_context(_tensors_restored(modules))
+            with warnings.catch_warnings():
+                # diffusers >= 0.40 renamed torch_dtype to dtype; the old name works on every version
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                new = super().from_pipe(pipeline, **kwargs)
         new.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
         return new
 
@@ -150,8 +162,8 @@ class SteeringPipelineBase(DiffusionPipeline):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def diffusion_model(self, flux_guidance: float = 3.5) -> DiffusionModel:
-        return DiffusionModel(self.family_pipeline(), flux_guidance=flux_guidance)
+    def diffusion_model(self, distilled_guidance: float = DEFAULT_DISTILLED_GUIDANCE) -> DiffusionModel:
+        return DiffusionModel(self.family_pipeline(), distilled_guidance=distilled_guidance)
 
     def load_lora_weights(self, pretrained_model_name_or_path_or_dict, **kwargs) -> None:
         """Load a diffusers-format LoRA into the shared denoiser / text encoders (the family's loader)."""
@@ -172,14 +184,18 @@ class SteeringPipelineBase(DiffusionPipeline):
     def _prepare(
         self, guidance_scale: float | None, height: int | None, width: int | None
     ) -> tuple[DiffusionModel, float, bool, int, int]:
-        """(model, guidance scale, whether CFG is on, height, width) with the family's defaults."""
+        """(model, guidance scale, whether CFG is on, height, width) with the family's defaults.
+
+        As in diffusers' FluxPipeline, a FLUX pipeline's ``guidance_scale`` is the distilled guidance
+        its transformer embeds (ignored by FLUX-schnell, which has no guidance embedding) and no
+        classifier-free pass runs.
+        """
         family = self.family
         scale = DEFAULT_GUIDANCE[family] if guidance_scale is None else float(guidance_scale)
-        model = self.diffusion_model(flux_guidance=scale)
+        model = self.diffusion_model(distilled_guidance=scale)
         h0, w0 = model.default_resolution()
         height, width = height or h0, width or w0
         model.check_resolution(height, width)
-        # FLUX-dev embeds its (distilled) guidance; it has no classifier-free pass
         cfg = family != "flux" and scale > 1.0
         return model, scale, cfg, height, width
 
@@ -199,6 +215,23 @@ class SteeringPipelineBase(DiffusionPipeline):
             return images
         array = VaeImageProcessor.pt_to_numpy(images.float().cpu())
         return array if output_type == "np" else VaeImageProcessor.numpy_to_pil(array)
+
+
+@contextlib.contextmanager
+def _tensors_restored(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """On exit, every parameter and buffer of ``modules`` whose dtype was changed within the context
+    gets its original tensor back."""
+    params = [(p, p.data) for m in modules for p in m.parameters()]
+    buffers = [(sub, name, b) for m in modules for sub in m.modules() for name, b in sub.named_buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        for p, data in params:
+            if p.dtype != data.dtype:
+                p.data = data
+        for sub, name, b in buffers:
+            if getattr(sub, name).dtype != b.dtype:
+                setattr(sub, name, b)
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ from _threads import one_thread  # noqa: F401
 
 from align.builtin import shapes_world as shapes
 from align.core.errors import AlignError
-from align.core.models import DiffusionModel, builtin_model_path
+from align.core.models import builtin_model_path, load_model
 
 MODEL_DIR = builtin_model_path("shapes")
 #: sampler settings of the prompt-following check (see align/builtin/README.md for the measured figures)
@@ -19,7 +19,7 @@ GUIDANCE = 5.0
 
 @pytest.fixture(scope="module")
 def model():
-    return DiffusionModel.from_pretrained("builtin", offline=True)
+    return load_model("builtin", device="cpu", offline=True)
 
 
 # ---------------------------------------------------------------- the shapes world

@@ -339,10 +339,11 @@ def test_two_process_training_matches_one_process(tmp_path):
     tiny_pipeline("sd").save_pretrained(tmp_path / "model")
     script = tmp_path / "dist.py"
     script.write_text(DIST_DRIVER)
+    # a linear schedule with warm-up: the learning rate must advance once per optimiser step on every process
     base = {
-        "model": str(tmp_path / "model"), "max_steps": 3, "prompts": PROMPTS, "checkpoint_every": 1,
+        "model": str(tmp_path / "model"), "max_steps": 4, "prompts": PROMPTS, "checkpoint_every": 1,
         "sample_every": 0, "num_samples": 1, "lora": {"rank": 2}, "draft": {"num_steps": 3, "learning_rate": 1e-2},
-        "device": "cpu",
+        "lr_schedule": "linear", "lr_warmup_steps": 2, "device": "cpu",
     }
     two = {**base, "batch_size": 1, "output_dir": str(tmp_path / "two")}
     proc = subprocess.run(
@@ -363,10 +364,17 @@ def test_two_process_training_matches_one_process(tmp_path):
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k  # both ranks hold the same weights
         torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-6)
-    assert any(not torch.equal(r0[k], load_file(tmp_path / "two" / "checkpoints" / "step-00000001" / "trainable.safetensors")[k]) for k in r0)
+    assert any(not torch.equal(r0[k], load_file(tmp_path / "two" / "checkpoints" / "step-00000002" / "trainable.safetensors")[k]) for k in r0)
     # only rank 0 wrote: one metrics line per step (plus the step-0 sample line)
-    lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3]
+    lines = {
+        run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+        for run in ("two", "one")
+    }
+    assert [m["step"] for m in lines["two"]] == [1, 2, 3, 4]
+    # the rate each step used: warm-up (step + 1) / 2, then linear decay (4 - step) / (4 - 2)
+    expected = [1e-2 * f for f in (0.5, 1.0, 1.0, 0.5)]
+    for run in ("two", "one"):
+        assert [m["lr"] for m in lines[run]] == pytest.approx(expected, rel=1e-12), run
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import torch
 
 from align.builtin.testing import tiny_pipeline
 from align.core.errors import AlignError
-from align.core.models import DiffusionModel, resolve_model
+from align.core.models import DiffusionModel, load_model, resolve_model
 from align.core.sampling import guided_prediction
 
 PROMPTS = ["a red circle", "a blue square on a green background"]
@@ -62,14 +62,14 @@ def test_missing_model_path_is_named(tmp_path):
 
 def test_offline_hub_id_not_cached(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(AlignError, match="offline mode.*not in the local Hugging Face cache"):
-        DiffusionModel.from_pretrained("someone/not-a-cached-model", offline=True)
+    with pytest.raises(AlignError, match="not in the local Hugging Face cache, and offline mode is on"):
+        load_model("someone/not-a-cached-model", offline=True)
 
 
 def test_local_folder_roundtrip(tmp_path):
     pipe = tiny_pipeline("sd")
     pipe.save_pretrained(tmp_path / "m")
-    model = DiffusionModel.from_pretrained(str(tmp_path / "m"), offline=True)
+    model = load_model(str(tmp_path / "m"), device="cpu", offline=True)
     assert model.family == "sd"
     for a, b in zip(model.module.parameters(), pipe.unet.parameters()):
         assert torch.equal(a, b)
@@ -79,8 +79,8 @@ def test_pickle_weights_refused(tmp_path):
     pipe = tiny_pipeline("sd")
     pipe.save_pretrained(tmp_path / "m", safe_serialization=False)
     with pytest.raises(AlignError, match="pickle checkpoints are refused"):
-        DiffusionModel.from_pretrained(str(tmp_path / "m"), offline=True)
-    model = DiffusionModel.from_pretrained(str(tmp_path / "m"), offline=True, allow_pickle=True)
+        load_model(str(tmp_path / "m"), device="cpu", offline=True)
+    model = load_model(str(tmp_path / "m"), device="cpu", offline=True, allow_pickle=True)
     assert model.family == "sd"
 
 
@@ -171,3 +171,46 @@ def test_xformers_failure_is_logged_once_with_the_reason(monkeypatch, caplog):
         "using PyTorch's scaled-dot-product attention",
     ]
     assert all(r.levelname == "WARNING" for r in caplog.records if r.name == "align.core.models")
+
+
+def test_unreachable_hub_is_said_in_our_words(tmp_path):
+    """Offline without HF_HUB_OFFLINE: no diffusers stack-trace talk, no local_files_only hint; the model
+    id and what to do (a local folder, or download on a connected machine)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # a closed port: connection refused
+    proc = subprocess.run([sys.executable, "-m", "align", "sample", "model=stable-diffusion-v1-5/stable-diffusion-v1-5",
+                           f"output_dir={tmp_path / 'out'}"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()[-1]
+    assert "model='stable-diffusion-v1-5/stable-diffusion-v1-5' is not in the local Hugging Face cache and the " \
+           "Hugging Face hub cannot be reached" in err
+    assert "hf download stable-diffusion-v1-5/stable-diffusion-v1-5" in err and "local diffusers folder" in err
+    for theirs in ("stacktrace", "local_files_only", "outgoing traffic"):
+        assert theirs not in proc.stderr
+
+
+def test_load_failures_are_explained_from_the_exception_chain():
+    from align.core.hub import explain_load_failure
+
+    class GatedRepoError(OSError):
+        pass
+
+    class Response:
+        status_code = 404
+
+    class HTTPError(OSError):
+        response = Response()
+
+    def chained(outer: BaseException, inner: BaseException) -> BaseException:
+        outer.__cause__ = inner
+        return outer
+
+    assert "is gated" in str(explain_load_failure("a/b", chained(OSError("x"), GatedRepoError()), offline=False))
+    assert "is not a model on the Hugging Face hub" in str(explain_load_failure("a/b", HTTPError(), offline=False))
+    offline = str(explain_load_failure("a/b", OSError("outgoing traffic has been disabled"), offline=True))
+    assert "offline mode is on" in offline and "outgoing traffic" not in offline
+    other = str(explain_load_failure("a/b", OSError("disk full"), offline=False))
+    assert other == "model='a/b' could not be loaded: disk full"

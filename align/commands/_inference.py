@@ -8,20 +8,21 @@ import json
 from pathlib import Path
 from typing import Any
 
-from align.core.errors import check_choice, check_device
+from align.core.errors import ConfigError, check_choice, check_device
+from align.core.models import DTYPE_CHOICES, check_guidance
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 #: images per row of a command's grid.png
 GRID_COLUMNS = 16
 
 
 def check_run_fields(config) -> None:
-    """Validate the fields every inference command has (device, dtype, sizes, output folder)."""
+    """Validate the fields every inference command has (device, dtype, guidance, sizes, output folder)."""
     from align.core.errors import check_range
     from align.core.paths import check_output_dir
 
     check_device("device", config.device)
-    check_choice("dtype", config.dtype, DTYPES)
+    check_choice("dtype", config.dtype, DTYPE_CHOICES)
+    check_guidance(config.guidance_scale, config.distilled_guidance)
     for name in ("height", "width", "max_sequence_length"):
         if getattr(config, name) is not None:
             check_range(name, getattr(config, name), 1, None, integer=True)
@@ -59,22 +60,32 @@ def load_run_config(cls, args: argparse.Namespace, flags: dict[str, Any]):
     return config
 
 
-def load_model(config):
-    """The DiffusionModel of ``config.model`` on the configured device and dtype."""
-    import torch
+def load_config_model(config, lora: str | None = None):
+    """The DiffusionModel of ``config.model`` (and ``lora``) with the config's device, dtype and VAE precision."""
+    from align.core.models import load_model
 
-    from align.core.models import DiffusionModel
-
-    device = config.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    name = config.dtype
-    if name == "auto":
-        name = "float16" if torch.device(device).type == "cuda" else "float32"
-    dtype = getattr(torch, name)
-    return DiffusionModel.from_pretrained(
-        config.model, dtype=dtype, device=device, offline=config.offline, allow_pickle=config.allow_pickle
+    return load_model(
+        config.model, dtype=config.dtype, device=config.device, lora=lora, offline=config.offline,
+        allow_pickle=config.allow_pickle, upcast_vae=config.upcast_vae,
     )
+
+
+def pipeline_guidance_scale(model, config) -> float | None:
+    """The ``guidance_scale`` to call a steering pipeline with.
+
+    The pipelines follow diffusers' FluxPipeline: for FLUX their ``guidance_scale`` is the distilled
+    guidance the transformer embeds, and no classifier-free pass runs.  So a FLUX model gets
+    ``config.distilled_guidance`` there, and a classifier-free ``guidance_scale`` is refused.
+    """
+    if model.family != "flux":
+        return config.guidance_scale
+    if config.guidance_scale not in (None, 1.0):
+        raise ConfigError(
+            f"guidance_scale={config.guidance_scale!r} asks for classifier-free guidance, which the steering "
+            "pipelines do not run for FLUX (as diffusers' FluxPipeline, they sample it with its distilled guidance "
+            "only); accepted for FLUX: guidance_scale unset (null) or 1, and distilled_guidance for the embedded value"
+        )
+    return config.distilled_guidance
 
 
 def save_images(images, folder: Path, names: list[str]) -> list[str]:

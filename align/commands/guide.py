@@ -11,13 +11,15 @@ from align.commands._inference import (
     GRID_COLUMNS,
     add_common_flags,
     check_run_fields,
-    load_model,
+    load_config_model,
     load_run_config,
+    pipeline_guidance_scale,
     save_images,
     write_results,
 )
 from align.commands.common import add_config_command, plural
 from align.core.errors import ConfigError, check_range
+from align.core.models import DEFAULT_DISTILLED_GUIDANCE
 from align.steer.fk_config import check_chunks_and_seed
 
 
@@ -35,7 +37,10 @@ class GuideConfig:
         num_steps: sampler steps.
         sampler: auto (DDIM for UNet models, flow matching for SD3/FLUX), ddim, ddpm or flow.
         eta: sampler stochasticity (None: deterministic DDIM / flow Euler).
-        guidance_scale: classifier-free guidance of the base side (FLUX: distilled guidance); None: family default.
+        guidance_scale: classifier-free guidance of the base side; None: the family default (SD 7.5, SDXL 5, SD3 7).
+            FLUX runs without it (as diffusers' FluxPipeline): leave it unset and use distilled_guidance.
+        distilled_guidance: the guidance value FLUX-dev embeds on both sides (diffusers' default 3.5); ignored by
+            other models.
         aligned_guidance_scale: classifier-free guidance of the aligned side (None: same as the base side).
         batched: run base and aligned rows in one batched forward per step (False: two forwards).
         model_chunk_size: samples per forward (None: all at once).
@@ -46,7 +51,10 @@ class GuideConfig:
         max_sequence_length: text length for T5-based models (SD3, FLUX); default: the pipeline's.
         output_dir: folder for the images (one subfolder per weight) and results.json.
         device: auto, cpu, cuda or cuda:N.
-        dtype: auto (float16 on GPU, float32 on CPU), float32, float16 or bfloat16.
+        dtype: weight dtype: auto (bfloat16 on a CUDA device that supports it, float16 on other CUDA devices,
+            float32 on the CPU), float32, float16 or bfloat16.
+        upcast_vae: always decode in float32 (false: only where diffusers does, when the weights are float16 and
+            the VAE's config sets force_upcast, as SDXL's VAE does).
         offline: only use local files (default: the HF_HUB_OFFLINE environment variable).
         allow_pickle: allow loading pickle checkpoints (unsafe with untrusted files).
     """
@@ -61,6 +69,7 @@ class GuideConfig:
     sampler: str = "auto"
     eta: float | None = None
     guidance_scale: float | None = None
+    distilled_guidance: float = DEFAULT_DISTILLED_GUIDANCE
     aligned_guidance_scale: float | None = None
     batched: bool = True
     model_chunk_size: int | None = None
@@ -72,6 +81,7 @@ class GuideConfig:
     output_dir: str = "runs/guide"
     device: str = "auto"
     dtype: str = "auto"
+    upcast_vae: bool = False
     offline: bool | None = None
     allow_pickle: bool = False
 
@@ -126,7 +136,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from align.core.images import save_grid
-    from align.core.lora import load_lora
     from align.core.prompts import load_prompts
 
     config = load_run_config(GuideConfig, args, {"lora": args.lora, "weights": args.weights, "reward": args.reward})
@@ -135,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
     if not config.lora:
         raise ConfigError("lora=None: RL guidance needs the aligned model's LoRA folder (--lora DIR)")
     prompts = load_prompts(config.prompts)
-    model = load_model(config)
-    load_lora(model, config.lora)
+    model = load_config_model(config, lora=config.lora)
+    guidance_scale = pipeline_guidance_scale(model, config)
     from pipelines import RLGuidancePipeline
 
     pipe = RLGuidancePipeline.from_pipe(model.pipe)
@@ -146,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     for weight in config.weights:
         out = pipe(
             prompts, config=config.rlg_config(weight), negative_prompt=config.negative_prompt,
-            num_inference_steps=config.num_steps, guidance_scale=config.guidance_scale, sampler=config.sampler,
+            num_inference_steps=config.num_steps, guidance_scale=guidance_scale, sampler=config.sampler,
             eta=config.eta, height=config.height, width=config.width, reward=config.reward, output_type="pt",
             max_sequence_length=config.max_sequence_length,
         )

@@ -11,13 +11,15 @@ from align.commands._inference import (
     GRID_COLUMNS,
     add_common_flags,
     check_run_fields,
-    load_model,
+    load_config_model,
     load_run_config,
+    pipeline_guidance_scale,
     save_images,
     write_results,
 )
 from align.commands.common import add_config_command, plural
 from align.core.errors import check_choice
+from align.core.models import DEFAULT_DISTILLED_GUIDANCE
 from align.steer.fk_config import FKConfig
 from align.steer.guidance_config import GradientGuidanceConfig
 
@@ -38,7 +40,9 @@ class SteerConfig:
         num_steps: sampler steps (FK paper: 100, with resampling in [20, 80]).
         sampler: auto (DDIM for UNet models, flow matching for SD3/FLUX), ddim, ddpm or flow.
         eta: sampler stochasticity; FK needs eta > 0 (DDIM eta=1 as in the paper; the SDE step for flow models).
-        guidance_scale: classifier-free guidance (FLUX: its distilled guidance); None: the family default.
+        guidance_scale: classifier-free guidance; None: the family default (SD 7.5, SDXL 5, SD3 7). FLUX runs
+            without it (as diffusers' FluxPipeline): leave it unset and use distilled_guidance.
+        distilled_guidance: the guidance value FLUX-dev embeds (diffusers' default 3.5); ignored by other models.
         height: image height in pixels (default: the model's native size).
         width: image width in pixels (default: the model's native size).
         max_sequence_length: text length for T5-based models (SD3, FLUX); default: the pipeline's.
@@ -46,7 +50,10 @@ class SteerConfig:
         gradient: gradient-guidance settings (method=gradient).
         output_dir: folder for the images (all particles and the best per prompt) and results.json.
         device: auto, cpu, cuda or cuda:N.
-        dtype: auto (float16 on GPU, float32 on CPU), float32, float16 or bfloat16.
+        dtype: weight dtype: auto (bfloat16 on a CUDA device that supports it, float16 on other CUDA devices,
+            float32 on the CPU), float32, float16 or bfloat16.
+        upcast_vae: always decode in float32 (false: only where diffusers does, when the weights are float16 and
+            the VAE's config sets force_upcast, as SDXL's VAE does).
         offline: only use local files (default: the HF_HUB_OFFLINE environment variable).
         allow_pickle: allow loading pickle checkpoints (unsafe with untrusted files).
     """
@@ -60,6 +67,7 @@ class SteerConfig:
     sampler: str = "auto"
     eta: float = 1.0
     guidance_scale: float | None = None
+    distilled_guidance: float = DEFAULT_DISTILLED_GUIDANCE
     height: int | None = None
     width: int | None = None
     max_sequence_length: int | None = None
@@ -68,6 +76,7 @@ class SteerConfig:
     output_dir: str = "runs/steer"
     device: str = "auto"
     dtype: str = "auto"
+    upcast_vae: bool = False
     offline: bool | None = None
     allow_pickle: bool = False
 
@@ -119,14 +128,15 @@ def run(args: argparse.Namespace) -> int:
     if config is None:
         return 0
     prompts = load_prompts(config.prompts)
-    model = load_model(config)
+    model = load_config_model(config)
+    guidance_scale = pipeline_guidance_scale(model, config)
     from pipelines import FKSteeringPipeline
 
     pipe = FKSteeringPipeline.from_pipe(model.pipe)
     pipe.set_progress_bar_config(disable=args.quiet)
     out = pipe(
         prompts, config.reward, config=config.method_config(), negative_prompt=config.negative_prompt,
-        num_inference_steps=config.num_steps, guidance_scale=config.guidance_scale, sampler=config.sampler,
+        num_inference_steps=config.num_steps, guidance_scale=guidance_scale, sampler=config.sampler,
         eta=config.eta, height=config.height, width=config.width, output_type="pt",
         max_sequence_length=config.max_sequence_length,
     )

@@ -5,15 +5,21 @@
 common calling convention (:mod:`align.core.denoisers`), builds the sampling schedule and decodes
 latents to images in [0, 1] (optionally with gradient checkpointing, in chunks).
 
-Models are named by ``"builtin"`` (the tiny model shipped with the package), a local
-diffusers folder, or a Hugging Face hub id.  Offline mode (``HF_HUB_OFFLINE=1`` or
-``offline=True``) only reads the local cache.  Weights load through safetensors; pickle
-checkpoints are refused unless ``allow_pickle=True``.
+Every command loads its model through :func:`load_model`.  Models are named by ``"builtin"``
+(the tiny model shipped with the package), a local diffusers folder, or a Hugging Face hub id.
+Offline mode (``HF_HUB_OFFLINE=1`` or ``offline=True``) only reads the local cache.  Weights
+load through safetensors; pickle checkpoints are refused unless ``allow_pickle=True``.
+
+Precision, one rule for every command (:func:`resolve_dtype`): ``dtype="auto"`` is bfloat16 on
+a CUDA device that supports it, float16 on other CUDA devices and float32 elsewhere.  Modules
+that the weights' library keeps in float32 (``_keep_in_fp32_modules``, e.g. T5's ``wo``) stay
+in float32, and the VAE decodes in float32 when :meth:`DiffusionModel.decodes_in_fp32` says so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -26,8 +32,12 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from align.core.denoisers import FluxDenoiser, ModuleDenoiser, SD3Denoiser, UNetDenoiser
-from align.core.errors import AlignError, check_choice
+from align.core.errors import AlignError, ConfigError, check_choice, check_device, check_range
+from align.core.hub import explain_load_failure
+from align.core.paths import is_dir, is_file, user_path
 from align.core.sampling import SamplingSchedule
+
+logger = logging.getLogger(__name__)
 
 BUILTIN_MODELS = {"builtin": "shapes", "builtin:shapes": "shapes"}
 
@@ -40,6 +50,11 @@ FAMILIES = {
 }
 FLOW_FAMILIES = ("sd3", "flux")
 SAMPLERS = ("auto", "ddim", "ddpm", "flow")
+#: weight dtypes by name; "auto" resolves per device (:func:`resolve_dtype`)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+#: FLUX-dev's distilled guidance when none is given (diffusers' FluxPipeline default)
+DEFAULT_DISTILLED_GUIDANCE = 3.5
 
 
 def builtin_model_path(name: str = "shapes") -> Path:
@@ -75,8 +90,8 @@ def resolve_model(model: str, offline: bool | None = None) -> str:
                 "`python scripts/train_builtin_model.py` (see README)"
             )
         return str(path)
-    path = Path(model).expanduser()
-    if path.exists():
+    path = user_path(model)
+    if is_file(path) or is_dir(path):
         if path.is_file():
             raise AlignError(
                 f"model={model!r} is a single file; accepted: a diffusers folder (with model_index.json) "
@@ -93,6 +108,94 @@ def resolve_model(model: str, offline: bool | None = None) -> str:
     return model
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' is the current CUDA device when there is one, else the CPU; a CUDA device without CUDA is an error."""
+    if isinstance(device, torch.device):
+        return device
+    check_device("device", device)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AlignError(f"device={device!r} but no CUDA device is available; use device=cpu or device=auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: str | torch.device = "auto") -> torch.dtype:
+    """The weight dtype every command uses: a name from :data:`DTYPE_CHOICES` or a torch dtype.
+
+    ``"auto"`` is bfloat16 on a CUDA device that supports it natively (compute capability 8 and
+    up: the range of float32, so nothing overflows), float16 on older CUDA devices, and float32
+    on the CPU and anything else (half precision there is slow and only partly supported).
+    """
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise AlignError(f"dtype={dtype} is not supported; accepted: {', '.join(DTYPE_CHOICES)}")
+        return dtype
+    check_choice("dtype", dtype, DTYPE_CHOICES)
+    if dtype != "auto":
+        return DTYPES[dtype]
+    device = resolve_device(device)
+    if device.type != "cuda":
+        return torch.float32
+    with torch.cuda.device(device):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def fp32_module_names(module: torch.nn.Module, dtype: torch.dtype) -> frozenset[str]:
+    """Names of the submodules that ``from_pretrained(torch_dtype=dtype)`` keeps in float32.
+
+    transformers keeps ``_keep_in_fp32_modules`` (T5's ``wo``, whose activations overflow float16)
+    only for float16 and ``_keep_in_fp32_modules_strict`` for float16 and bfloat16; diffusers
+    keeps its models' ``_keep_in_fp32_modules`` for any dtype.
+    """
+    if dtype == torch.float32:
+        return frozenset()
+    from transformers import PreTrainedModel
+
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    if isinstance(module, PreTrainedModel):
+        if dtype != torch.float16:
+            keep = set()
+        if dtype in (torch.float16, torch.bfloat16):
+            keep |= set(getattr(module, "_keep_in_fp32_modules_strict", None) or ())
+    return frozenset(keep)
+
+
+def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the floating-point parameters and buffers of ``module`` to ``dtype`` in place, except those
+    under a submodule that :func:`fp32_module_names` keeps in float32 (they become float32).
+
+    A name matches when one of its dot-separated parts is a kept name (diffusers' loader rule; the
+    transformers names of the supported encoders, such as T5's ``wo``, match the same way).  Each
+    tensor is cast once, from its own dtype, so a kept float32 weight never round-trips through
+    ``dtype``.
+    """
+    keep = fp32_module_names(module, dtype)
+
+    def target(name: str) -> torch.dtype:
+        return torch.float32 if keep and not keep.isdisjoint(name.split(".")[:-1]) else dtype
+
+    for name, param in module.named_parameters():
+        if param.is_floating_point() and param.dtype != target(name):
+            param.data = param.data.to(target(name))
+    for name, buffer in module.named_buffers():
+        if buffer.is_floating_point() and buffer.dtype != target(name):
+            owner, _, leaf = name.rpartition(".")
+            setattr(module.get_submodule(owner), leaf, buffer.to(target(name)))
+
+
+def check_guidance(guidance_scale: float | None, distilled_guidance: float, true_cfg: bool = False) -> None:
+    """Validate the guidance fields every sampling config has (see :meth:`DiffusionModel.cfg_scale`)."""
+    if guidance_scale is not None:
+        check_range("guidance_scale", guidance_scale, 0.0, None)
+    check_range("distilled_guidance", distilled_guidance, 0.0, None)
+    if true_cfg and (guidance_scale is None or guidance_scale <= 1.0):
+        raise ConfigError(
+            f"true_cfg=true asks for classifier-free guidance but guidance_scale={guidance_scale!r}; "
+            "accepted with true_cfg: guidance_scale > 1"
+        )
+
+
 @dataclass
 class PromptConditioning:
     """Text conditioning of one batch: ``cond`` and, for classifier-free guidance, ``uncond``."""
@@ -105,9 +208,17 @@ class PromptConditioning:
 
 
 class DiffusionModel:
-    """A diffusers pipeline seen through the toolkit's calling conventions."""
+    """A diffusers pipeline seen through the toolkit's calling conventions.
 
-    def __init__(self, pipe, *, flux_guidance: float = 3.5):
+    Args:
+        pipe: a pipeline of a supported family (or derived from one).
+        distilled_guidance: the guidance value a guidance-distilled model (FLUX-dev) embeds; ignored
+            by other models.
+        upcast_vae: always decode in float32 (False: only when :meth:`decodes_in_fp32` says the VAE
+            needs it).
+    """
+
+    def __init__(self, pipe, *, distilled_guidance: float = DEFAULT_DISTILLED_GUIDANCE, upcast_vae: bool = False):
         name = type(pipe).__name__
         family = FAMILIES.get(name)
         if family is None:
@@ -122,70 +233,78 @@ class DiffusionModel:
             )
         self.pipe = pipe
         self.family = family
+        self.upcast_vae = upcast_vae
         if family in FLOW_FAMILIES:
             module = pipe.transformer
             self.denoiser: ModuleDenoiser = (
-                SD3Denoiser(module) if family == "sd3" else FluxDenoiser(module, guidance=flux_guidance)
+                SD3Denoiser(module) if family == "sd3" else FluxDenoiser(module, guidance=distilled_guidance)
             )
         else:
             module = pipe.unet
             self.denoiser = UNetDenoiser(module, pipe.scheduler.config.prediction_type)
         self.source: str | None = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
 
-    # ------------------------------------------------------------------ loading
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: str,
-        *,
-        dtype: torch.dtype = torch.float32,
-        device: str | torch.device = "cpu",
-        offline: bool | None = None,
-        revision: str | None = None,
-        variant: str | None = None,
-        allow_pickle: bool = False,
-        trust_remote_code: bool = False,
-        flux_guidance: float = 3.5,
-    ) -> DiffusionModel:
-        """Load ``model`` ('builtin', a local folder or a hub id) as a DiffusionModel."""
-        from diffusers import DiffusionPipeline
+    # ------------------------------------------------------------------ precision
+    def cast(self, dtype: torch.dtype) -> None:
+        """Put every component's weights in ``dtype`` as ``from_pretrained(torch_dtype=dtype)`` would.
 
-        source = resolve_model(model, offline)
-        local_only = hub_offline(offline)
-        try:
-            with warnings.catch_warnings():
-                # diffusers >= 0.40 renamed torch_dtype to dtype; the old name works on every version
-                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-                pipe = DiffusionPipeline.from_pretrained(
-                    source,
-                    torch_dtype=dtype,
-                    local_files_only=local_only,
-                    revision=revision,
-                    variant=variant,
-                    use_safetensors=None if allow_pickle else True,
-                    trust_remote_code=trust_remote_code,
+        Modules the weights' library keeps in float32 stay in float32 (:func:`cast_module`), and the
+        VAE is held in float32 when it decodes in float32 for ``dtype`` (:meth:`decodes_in_fp32`).
+        Call it before adding LoRA adapters: they are created in float32 and must stay so.
+        """
+        vae = self.pipe.vae
+        for component in self.pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                fp32_vae = component is vae and self.decodes_in_fp32(dtype)
+                cast_module(component, torch.float32 if fp32_vae else dtype)
+
+    def decodes_in_fp32(self, compute_dtype: torch.dtype) -> bool:
+        """Whether the VAE decodes in float32 (weights and activations, autocast off) when the rest of
+        the model computes in ``compute_dtype``.
+
+        Always with ``upcast_vae``; otherwise as diffusers does: when ``compute_dtype`` is float16 and
+        the VAE's config sets ``force_upcast`` (SDXL's VAE overflows in float16; fp16-fixed VAEs set it
+        to false).  bfloat16 has float32's range and is not upcast unless asked.
+        """
+        if self.upcast_vae:
+            return True
+        return compute_dtype == torch.float16 and bool(getattr(self.pipe.vae.config, "force_upcast", False))
+
+    # ------------------------------------------------------------------ guidance
+    @property
+    def guidance_distilled(self) -> bool:
+        """Whether the denoiser embeds a distilled guidance value (FLUX-dev: ``guidance_embeds`` in its
+        config) in place of classifier-free guidance."""
+        return bool(getattr(self.module.config, "guidance_embeds", False))
+
+    @property
+    def distilled_guidance(self) -> float | None:
+        """The guidance value a guidance-distilled model embeds; None for other models."""
+        return float(self.denoiser.guidance) if self.guidance_distilled else None
+
+    @distilled_guidance.setter
+    def distilled_guidance(self, value: float) -> None:
+        if isinstance(self.denoiser, FluxDenoiser):
+            self.denoiser.guidance = float(value)
+
+    def cfg_scale(self, guidance_scale: float, *, true_cfg: bool = False) -> float:
+        """The classifier-free guidance scale to sample with (1: no CFG, one denoiser call per step).
+
+        A guidance-distilled model samples as diffusers' FluxPipeline does: with its embedded
+        ``distilled_guidance`` and no classifier-free pass.  ``guidance_scale`` applies to it only
+        with ``true_cfg`` (classifier-free guidance on top, twice the denoiser compute); otherwise
+        a notice says that it is not used.
+        """
+        if self.guidance_distilled and not true_cfg:
+            if guidance_scale != 1.0:
+                logger.warning(
+                    "%s is guidance-distilled: sampling with its embedded distilled_guidance=%g and no "
+                    "classifier-free guidance; guidance_scale=%g is not used (set true_cfg=true to run "
+                    "classifier-free guidance on top, at twice the denoiser compute)",
+                    self.source or f"this {self.family} model", self.distilled_guidance, guidance_scale,
                 )
-        except (OSError, ValueError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if "safetensors" in str(exc).lower() and not allow_pickle:
-                raise AlignError(
-                    f"model={model!r} has no safetensors weights; pickle checkpoints are refused by default "
-                    "because loading them can run arbitrary code. Convert them, or pass allow_pickle=True "
-                    "if you trust the source."
-                ) from None
-            where = (
-                "offline mode is on (HF_HUB_OFFLINE=1) and it is not in the local Hugging Face cache"
-                if local_only
-                else f"loading failed: {reason}"
-            )
-            raise AlignError(
-                f"model={model!r} could not be loaded: {where}. Accepted: 'builtin', an existing local "
-                "diffusers folder, or a hub id."
-            ) from None
-        pipe.set_progress_bar_config(disable=True)
-        pipe.to(device)
-        enable_memory_efficient_attention(pipe)
-        return cls(pipe, flux_guidance=flux_guidance)
+            return 1.0
+        return float(guidance_scale)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -348,7 +467,8 @@ class DiffusionModel:
     # ------------------------------------------------------------------ images
     def _decode_chunk(self, latents: Tensor) -> Tensor:
         vae = self.pipe.vae
-        z = latents / vae.config.scaling_factor
+        # unscale in the wider of the two dtypes, then hand the VAE its own dtype
+        z = latents.to(torch.promote_types(latents.dtype, vae.dtype)) / vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None)
         if shift is not None:
             z = z + shift
@@ -360,15 +480,34 @@ class DiffusionModel:
     def decode(self, latents: Tensor, *, gradient_checkpointing: bool = False, chunk_size: int | None = None) -> Tensor:
         """Decode latents to images in [0, 1], [B, 3, H, W] (float32, or float64 for a float64 VAE).
 
+        When :meth:`decodes_in_fp32` holds for the dtype the model computes in (the autocast dtype
+        inside an autocast region, else the denoiser's), the decode runs in float32 with autocast
+        off: the VAE is held in float32 (cast once, here, if it is not yet) and the latents are cast
+        to float32; gradients flow back to the latents in their own dtype.  Otherwise it runs in the
+        VAE's dtype, under whatever autocast is active.
+
         With ``gradient_checkpointing`` every resnet, attention and upsampling block of the decoder
         is checkpointed on its own: the backward recomputes one block at a time, so its peak is one
         block's activations plus the block inputs, not the whole decoder's activations (which is
         what checkpointing the decode as one piece costs, since its backward recomputes them all
-        at once).  ``chunk_size`` bounds how many latents are decoded at once.
+        at once).  The recomputation restores the forward's autocast state.  ``chunk_size`` bounds
+        how many latents are decoded at once.
         """
+        device_type = latents.device.type
+        # devices without autocast (the meta device the memory planner traces on) have none to turn off
+        has_autocast = torch.amp.is_autocast_available(device_type)
+        autocast = has_autocast and torch.is_autocast_enabled(device_type)
+        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else self.dtype
+        fp32 = self.decodes_in_fp32(compute_dtype)
+        if fp32 and self.pipe.vae.dtype != torch.float32:
+            self.pipe.vae.to(dtype=torch.float32)
         chunks = latents.split(chunk_size) if chunk_size else (latents,)
         checkpointed = gradient_checkpointing and torch.is_grad_enabled()
-        with checkpointed_blocks(self.pipe.vae.decoder) if checkpointed else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            if autocast and fp32:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            if checkpointed:
+                stack.enter_context(checkpointed_blocks(self.pipe.vae.decoder))
             out = [self._decode_chunk(chunk) for chunk in chunks]
         return torch.cat(out) if len(out) > 1 else out[0]
 
@@ -380,6 +519,81 @@ class DiffusionModel:
         if shift is not None:
             z = z - shift
         return z * vae.config.scaling_factor
+
+
+def load_model(
+    model: str,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    lora: str | Path | None = None,
+    offline: bool | None = None,
+    allow_pickle: bool = False,
+    distilled_guidance: float = DEFAULT_DISTILLED_GUIDANCE,
+    upcast_vae: bool = False,
+    revision: str | None = None,
+    variant: str | None = None,
+    trust_remote_code: bool = False,
+) -> DiffusionModel:
+    """Load ``model`` ('builtin', a local diffusers folder or a hub id) as a DiffusionModel: the one
+    loader of every command (train, sample, eval, steer, guide, demo).
+
+    Args:
+        dtype: weight dtype, a name ("auto", "float32", "float16", "bfloat16") or a torch dtype;
+            "auto" follows :func:`resolve_dtype` for ``device``.  Modules the weights' library keeps
+            in float32 stay so (``from_pretrained`` sees the dtype).
+        device: "auto", "cpu", "cuda" or "cuda:N" (or a torch device).
+        lora: a diffusers-format LoRA folder to load onto the model.
+        offline: only read the local Hugging Face cache (default: ``HF_HUB_OFFLINE``).
+        allow_pickle: allow pickle checkpoints (they can run arbitrary code).
+        distilled_guidance: the guidance value a guidance-distilled model (FLUX-dev) embeds.
+        upcast_vae: see :meth:`DiffusionModel.decodes_in_fp32`.  A VAE that decodes in float32 is
+            read in float32 (not upcast from rounded half-precision weights) and kept so; it is small
+            (about 84M parameters for SDXL and FLUX: 0.33 GB in float32).
+    """
+    from diffusers import DiffusionPipeline
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    source = resolve_model(model, offline)
+    local_only = hub_offline(offline)
+    # read the VAE in float32 whenever it may decode in float32; cast() below settles it
+    vae_fp32 = upcast_vae or dtype == torch.float16
+    torch_dtype = {"default": dtype, "vae": torch.float32} if vae_fp32 and dtype != torch.float32 else dtype
+    try:
+        with warnings.catch_warnings():
+            # diffusers >= 0.40 renamed torch_dtype to dtype; the old name works on every version
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(
+                source,
+                torch_dtype=torch_dtype,
+                local_files_only=local_only,
+                revision=revision,
+                variant=variant,
+                use_safetensors=None if allow_pickle else True,
+                trust_remote_code=trust_remote_code,
+            )
+    except (OSError, ValueError) as exc:
+        if "safetensors" in str(exc).lower() and not allow_pickle:
+            raise AlignError(
+                f"model={model!r} has no safetensors weights; pickle checkpoints are refused by default "
+                "because loading them can run arbitrary code. Convert them, or pass allow_pickle=True "
+                "if you trust the source."
+            ) from None
+        if is_dir(source):
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise AlignError(f"model={model!r} (the local folder {source}) could not be loaded: {reason}") from None
+        raise explain_load_failure(model, exc, offline=local_only) from None
+    pipe.set_progress_bar_config(disable=True)
+    result = DiffusionModel(pipe, distilled_guidance=distilled_guidance, upcast_vae=upcast_vae)
+    result.cast(dtype)
+    pipe.to(device)
+    enable_memory_efficient_attention(pipe)
+    if lora is not None:
+        from align.core.lora import load_lora
+
+        load_lora(result, lora)
+    return result
 
 
 CHECKPOINTED_BLOCKS = ("ResnetBlock2D", "Attention", "Upsample2D")  # diffusers' VAE decoder blocks

@@ -42,7 +42,9 @@ from align.train.checkpoint import (
 from align.train.methods import METHODS, AlignPropConfig, DraftConfig, DraftLVConfig, MethodConfig, ReFLConfig
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+#: accelerate's mixed-precision names -> the dtype of the frozen weights
+PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MIXED_PRECISION = ("auto", *PRECISION_DTYPES)
 
 
 @dataclass
@@ -65,9 +67,14 @@ class TrainConfig:
         max_steps: optimiser steps.
         batch_size: images per process per micro-step.
         gradient_accumulation_steps: micro-steps per optimiser step.
-        lr_schedule: constant, linear (decay to 0) or cosine.
+        lr_schedule: constant, linear (decay to 0) or cosine; it advances once per optimiser step (skipped steps
+            included), whatever the number of processes.
         lr_warmup_steps: linear warm-up steps.
-        mixed_precision: no, fp16 or bf16 (base weights in that dtype; LoRA weights stay fp32; fp16 uses loss scaling).
+        mixed_precision: auto, no, fp16 or bf16 (frozen weights in that dtype, except modules their library keeps in
+            fp32; LoRA weights stay fp32; fp16 uses loss scaling). auto: bf16 on a CUDA device that supports it, fp16
+            on other CUDA devices, no on the CPU (the dtype rule of every command).
+        upcast_vae: always decode in fp32 with autocast off (false: only where diffusers does, when the weights are
+            fp16 and the VAE's config sets force_upcast, as SDXL's VAE does).
         gradient_checkpointing: checkpoint every grad-enabled model call and the VAE decoder.
         ema_decay: exponential moving average of the trained weights (0 disables); the saved LoRA uses the EMA.
         height: image height in pixels (default: the model's native size).
@@ -111,7 +118,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     lr_schedule: str = "constant"
     lr_warmup_steps: int = 0
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"
+    upcast_vae: bool = False
     gradient_checkpointing: bool = True
     ema_decay: float = 0.0
     height: int | None = None
@@ -172,6 +180,17 @@ class TrainConfig:
 def _sample_seed(*parts: int) -> int:
     """A 63-bit seed from integers, well mixed (numpy SeedSequence)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def resolve_mixed_precision(mixed_precision: str, device: str) -> str:
+    """accelerate's precision name for ``mixed_precision``; "auto" follows the dtype rule of every command
+    (:func:`align.core.models.resolve_dtype`)."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    from align.core.models import resolve_dtype
+
+    dtype = resolve_dtype("auto", device)
+    return next(name for name, d in PRECISION_DTYPES.items() if d == dtype)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -243,7 +262,7 @@ class Trainer:
             AcceleratorState._reset_state(reset_partial_state=False)
             trackers = [t for t in cfg.report_to if _tracker_available(t)]
             self._accelerator = Accelerator(
-                mixed_precision=cfg.mixed_precision,
+                mixed_precision=resolve_mixed_precision(cfg.mixed_precision, cfg.device),
                 cpu=cfg.device == "cpu",
                 log_with=trackers or None,
                 project_dir=str(self.output_dir),
@@ -261,25 +280,26 @@ class Trainer:
                     "that run, or choose another output_dir"
                 )
 
-        weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+        # the frozen weights take the dtype autocast computes in; add_lora then adds fp32 LoRA weights
+        weight_dtype = PRECISION_DTYPES[acc.mixed_precision]
         device = acc.device if cfg.device in ("auto", "cpu") else torch.device(cfg.device)
         if self._given_model is not None:
             self.model = self._given_model
+            self.model.upcast_vae = cfg.upcast_vae
+            self.model.cast(weight_dtype)
             self.model.pipe.to(device)
         else:
-            from align.core.models import DiffusionModel
+            from align.core.models import load_model
 
-            self.model = DiffusionModel.from_pretrained(
-                cfg.model, dtype=weight_dtype, device=device, offline=cfg.offline, allow_pickle=cfg.allow_pickle
+            self.model = load_model(
+                cfg.model, dtype=weight_dtype, device=device, offline=cfg.offline, allow_pickle=cfg.allow_pickle,
+                upcast_vae=cfg.upcast_vae,
             )
         model = self.model
-        if weight_dtype != torch.float32:
-            # frozen weights in the low-precision dtype; add_lora keeps the LoRA weights in fp32
-            for component in model.pipe.components.values():
-                if isinstance(component, torch.nn.Module):
-                    component.to(dtype=weight_dtype)
-        if cfg.mixed_precision == "fp16" and model.pipe.vae is not None:
-            model.pipe.vae.to(dtype=torch.float32)  # fp16 VAEs overflow; decode in fp32
+        model.distilled_guidance = self.method.distilled_guidance
+        # the classifier-free guidance scale actually sampled with (1 for a guidance-distilled model
+        # unless the method asks for true CFG)
+        self.guidance_scale = model.cfg_scale(self.method.guidance_scale, true_cfg=self.method.true_cfg)
         self.params = add_lora(model, cfg.lora)
         if cfg.gradient_checkpointing is False and hasattr(model.module, "disable_gradient_checkpointing"):
             model.module.disable_gradient_checkpointing()
@@ -318,7 +338,10 @@ class Trainer:
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(cfg.lr_schedule, cfg.lr_warmup_steps, cfg.max_steps)
         )
-        self.optimizer, self.lr_scheduler = acc.prepare(self.optimizer, self.lr_scheduler)
+        # The scheduler is not prepared: accelerate's AcceleratedScheduler steps it num_processes times
+        # per call (it assumes the per-process batch, not the global one, defines a step) and not at all
+        # after a skipped fp16 step.  Here it steps exactly once per optimiser step, on every process.
+        self.optimizer = acc.prepare(self.optimizer)
         self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
         self.checkpoints = CheckpointManager(self.output_dir, keep=cfg.keep_checkpoints)
         self.step = 0
@@ -348,7 +371,7 @@ class Trainer:
         return prompts, gens
 
     def _encode(self, prompts: Sequence[str]):
-        guidance = self.method.guidance_scale != 1.0
+        guidance = self.guidance_scale != 1.0
         neg = self.config.negative_prompt or None
         with torch.set_grad_enabled(self.config.lora.text_encoder):
             return self.model.encode_prompts(
@@ -375,7 +398,7 @@ class Trainer:
                     return model.denoiser(x, t, c)
         with self.accelerator.autocast():
             result = sample_with_grad(
-                model.denoiser, self.schedule, x_T, pc.cond, pc.uncond, method.guidance_scale, plan,
+                model.denoiser, self.schedule, x_T, pc.cond, pc.uncond, self.guidance_scale, plan,
                 generator=gens, gradient_checkpointing=cfg.gradient_checkpointing,
                 detach_denoiser_input=method.detach_denoiser_input, reference_denoiser=reference,
                 model_dtype=model.dtype,
@@ -471,6 +494,7 @@ class Trainer:
                         for e, p in zip(self.ema, self.params):
                             e.lerp_(p.detach(), 1.0 - cfg.ema_decay)
         self.optimizer.zero_grad(set_to_none=True)
+        lr = float(self.lr_scheduler.get_last_lr()[0])  # the rate this step used
         self.lr_scheduler.step()
         if skipped:
             self.skipped += 1
@@ -483,7 +507,7 @@ class Trainer:
             step=self.step,
             loss=float(np.mean(losses)) if losses else float("nan"),
             grad_norm=grad_norm,
-            lr=float(self.lr_scheduler.get_last_lr()[0]),
+            lr=lr,
             step_time_s=time.perf_counter() - start,
             peak_memory_mb=_peak_memory_mb(acc.device),
             skipped=int(skipped),
@@ -582,7 +606,7 @@ class Trainer:
         m = self.method
         with _swapped(self.params, self.ema):
             return generate(
-                self.model, prompts, seeds, num_steps=m.num_steps, guidance_scale=m.guidance_scale, sampler=m.sampler,
+                self.model, prompts, seeds, num_steps=m.num_steps, guidance_scale=self.guidance_scale, sampler=m.sampler,
                 eta=m.eta, height=self.height, width=self.width, negative_prompt=self.config.negative_prompt or None,
                 max_sequence_length=self.config.max_sequence_length,
             )

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from align.core.errors import check_choice, check_range
+from align.core.models import DEFAULT_DISTILLED_GUIDANCE, check_guidance
 from align.train.truncation import TruncationPolicy
 
 LOSSES = ("negative", "hinge", "target")
@@ -20,7 +21,12 @@ class MethodConfig:
 
     Attributes:
         num_steps: sampling steps T of the chain that is differentiated through.
-        guidance_scale: classifier-free guidance scale while sampling (1 disables CFG).
+        guidance_scale: classifier-free guidance scale while sampling (1 disables CFG). Not used by
+            guidance-distilled models (FLUX-dev) unless true_cfg is set.
+        distilled_guidance: the guidance value a guidance-distilled model (FLUX-dev) embeds (diffusers'
+            FluxPipeline default 3.5); ignored by other models.
+        true_cfg: run classifier-free guidance (guidance_scale) on a guidance-distilled model too, on top of
+            its distilled guidance, at twice the denoiser compute (diffusers' FluxPipeline never does by default).
         sampler: "auto" (DDIM for UNet models, flow Euler for flow-matching models), "ddim", "ddpm" or "flow".
         eta: DDIM eta / flow-step stochasticity (0 deterministic; 1 ancestral).
         learning_rate: AdamW learning rate.
@@ -38,6 +44,8 @@ class MethodConfig:
 
     num_steps: int = 50
     guidance_scale: float = 7.5
+    distilled_guidance: float = DEFAULT_DISTILLED_GUIDANCE
+    true_cfg: bool = False
     sampler: str = "auto"
     eta: float = 0.0
     learning_rate: float = 2e-4
@@ -51,7 +59,7 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         check_range("num_steps", self.num_steps, 1, 1000, integer=True)
-        check_range("guidance_scale", self.guidance_scale, 0.0, None)
+        check_guidance(self.guidance_scale, self.distilled_guidance, self.true_cfg)
         check_choice("sampler", self.sampler, ("auto", "ddim", "ddpm", "flow"))
         check_range("eta", self.eta, 0.0, None)
         check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_inclusive=False)
