@@ -76,3 +76,16 @@ def test_vocabulary_warning_names_unknown_and_known_words(builtin_notes):
     text = builtin_notes.vocabulary_warning(["a cat", "A dog on a red background"])
     assert "does not know the word(s) 'cat', 'dog'" in text
     assert "the words it knows: a, background, black, blue, circle" in text
+
+
+def test_the_builtin_model_warns_once_about_words_it_does_not_know(caplog):
+    from align.core.models import load_model
+
+    model = load_model("builtin", device="cpu")
+    with caplog.at_level("WARNING"):
+        model.encode_prompts(["a red circle on a blue background"], guidance=False)
+        assert not caplog.records
+        model.encode_prompts(["a cat", "a dog"], guidance=False)
+        model.encode_prompts(["a horse"], guidance=False)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "does not know the word(s) 'cat', 'dog'" in warnings[0]

@@ -130,6 +130,47 @@ def test_resume_gives_identical_weights(tmp_path, reward):
     assert steps == list(range(1, 2 * n + 1))
 
 
+def test_resuming_a_finished_run_changes_nothing(tmp_path):
+    """resume=latest on a run at max_steps: no nan first reward, no duplicate eval line, a clear message."""
+    first = _config(tmp_path, "draft", max_steps=2, method_args={"num_steps": 2})
+    done = Trainer(first, model=DiffusionModel(tiny_pipeline("sd")), progress=False).train()
+    metrics = tmp_path / "run-draft-sd" / "metrics.jsonl"
+    before = metrics.read_text()
+    again = _config(tmp_path, "draft", max_steps=2, resume="latest", method_args={"num_steps": 2})
+    result = Trainer(again, model=DiffusionModel(tiny_pipeline("sd")), progress=False).train()
+    assert result.already_finished and result.steps == 2
+    assert (result.first_reward, result.last_reward) == (done.first_reward, done.last_reward)
+    assert result.first_reward == result.first_reward  # not nan
+    assert metrics.read_text() == before
+
+
+def test_a_resumed_run_reports_its_first_reward(tmp_path):
+    Trainer(_config(tmp_path, "draft", max_steps=1, method_args={"num_steps": 2}),
+            model=DiffusionModel(tiny_pipeline("sd")), progress=False).train()
+    more = _config(tmp_path, "draft", max_steps=2, resume="latest", method_args={"num_steps": 2})
+    result = Trainer(more, model=DiffusionModel(tiny_pipeline("sd")), progress=False).train()
+    step0 = json.loads((tmp_path / "run-draft-sd" / "metrics.jsonl").read_text().splitlines()[0])
+    assert step0["step"] == 0 and result.first_reward == step0["eval_reward_mean"]
+    assert not result.already_finished and result.steps == 2
+
+
+def test_builtin_model_recommendations_fill_unset_fields_and_are_printed(tmp_path, capsys):
+    from align.core.config import load_config
+
+    config = load_config(TrainConfig, None, [f"output_dir={tmp_path / 'run'}", "draft.guidance_scale=3.0", "device=cpu"])
+    trainer = Trainer(config)
+    trainer.setup()
+    assert trainer.method.learning_rate == 3e-3 and trainer.method.num_steps == 20 and trainer.config.lora.rank == 4
+    assert trainer.method.guidance_scale == 3.0  # set by the user: kept
+    assert trainer.optimizer.param_groups[0]["lr"] == 3e-3 and trainer.schedule.num_steps == 20
+    out = capsys.readouterr()
+    assert "using the built-in model's recommended settings: draft.learning_rate=0.003" in out.out + out.err
+    off = load_config(TrainConfig, None, [f"output_dir={tmp_path / 'off'}", "model_recommendations=false", "device=cpu"])
+    plain = Trainer(off, progress=False)
+    plain.setup()
+    assert plain.method.learning_rate == 2e-4 and plain.method.num_steps == 50
+
+
 def test_fresh_run_refuses_existing_checkpoints(tmp_path):
     cfg = _config(tmp_path, "draft", max_steps=1, method_args={"num_steps": 2})
     Trainer(cfg, model=DiffusionModel(tiny_pipeline("sd")), progress=False).train()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ def load_run_config(cls, args: argparse.Namespace, flags: dict[str, Any]):
     """Config from --config, key=value overrides, then the flags; None after --print-config."""
     import yaml
 
-    from align.core.config import load_config, to_dict
+    from align.core.config import load_config, replace_config, to_dict
 
     config = load_config(cls, args.config, args.overrides)
     given = {k: v for k, v in flags.items() if v is not None}
@@ -53,7 +52,7 @@ def load_run_config(cls, args: argparse.Namespace, flags: dict[str, Any]):
         given["model"] = args.model
     if args.output_dir:
         given["output_dir"] = args.output_dir
-    config = dataclasses.replace(config, **given) if given else config
+    config = replace_config(config, **given) if given else config
     if args.print_config:
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return None

@@ -37,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
     result = trainer.train()
     if not trainer.is_main:
         return 0
+    if result.already_finished:
+        print(f"the run in {result.output_dir} already finished at step {result.steps} (max_steps={config.max_steps}); "
+              "nothing to do. Raise max_steps to train it further.")
+        return 0
     if result.lora_dir is not None:
         print(f"LoRA saved to {result.lora_dir}")
     print(

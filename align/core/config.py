@@ -163,11 +163,14 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
             )
         kwargs[key] = _coerce(value, types_by_name[key], dotted)
     try:
-        return cls(**kwargs)
+        config = cls(**kwargs)
     except ConfigError as exc:
         if prefix and not str(exc).startswith(prefix):
             raise ConfigError(f"{prefix}.{exc}") from None
         raise
+    if not prefix:
+        _mark_explicit(config, _dotted_keys(data))
+    return config
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -238,10 +241,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     The config remembers which fields the file and the overrides set (:func:`explicit_fields`), so
     that defaults a model recommends never replace what the user chose.
     """
-    data = apply_overrides(read_yaml(path) if path is not None else {}, overrides)
-    config = from_dict(cls, data)
-    _mark_explicit(config, _dotted_keys(data))
-    return config
+    return from_dict(cls, apply_overrides(read_yaml(path) if path is not None else {}, overrides))
 
 
 _EXPLICIT = "_explicit_fields"
@@ -257,13 +257,16 @@ def _dotted_keys(data: Mapping[str, Any], prefix: str = "") -> set[str]:
     return keys
 
 
-def _mark_explicit(config: Any, keys: set[str]) -> None:
-    object.__setattr__(config, _EXPLICIT, frozenset(keys))
+def _mark_explicit(config: Any, keys: set[str] | frozenset[str] | None) -> None:
+    if keys is None:
+        config.__dict__.pop(_EXPLICIT, None)
+    else:
+        object.__setattr__(config, _EXPLICIT, frozenset(keys))
 
 
 def explicit_fields(config: Any) -> frozenset[str] | None:
-    """Dotted names of the fields the user set, for configs made by :func:`load_config` (None when unknown:
-    a config constructed directly in Python)."""
+    """Dotted names of the fields the user set, for configs made from a mapping (:func:`load_config`,
+    :func:`from_dict`); None when unknown (a config constructed directly in Python)."""
     return getattr(config, _EXPLICIT, None)
 
 
@@ -271,15 +274,14 @@ def replace_config(config: T, **changes: Any) -> T:
     """``dataclasses.replace`` that keeps the record of explicitly set fields (and adds ``changes``)."""
     new = dataclasses.replace(config, **changes)
     known = explicit_fields(config)
-    if known is not None:
-        _mark_explicit(new, set(known) | set(changes))
+    _mark_explicit(new, None if known is None else set(known) | set(changes))
     return new
 
 
 def is_explicit(config: Any, dotted: str) -> bool:
     """Whether the user set field ``dotted`` (e.g. ``draft.learning_rate``) of ``config``.
 
-    Known exactly for configs from :func:`load_config`; for a config built in Python, a field that
+    Known exactly for configs made from a mapping (:func:`load_config`); for a config built in Python, a field that
     differs from its default counts as set (one equal to its default cannot be told apart).
     """
     known = explicit_fields(config)

@@ -119,7 +119,5 @@ def apply_recommended(config: Any, notes: ModelNotes | None, command: str) -> tu
     if not applied:
         return config, []
     new = from_dict(type(config), data)
-    known = explicit_fields(config)
-    if known is not None:
-        _mark_explicit(new, set(known))
+    _mark_explicit(new, explicit_fields(config))  # what the user set, not what was recommended
     return new, applied

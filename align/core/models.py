@@ -19,6 +19,7 @@ in float32, and the VAE decodes in float32 when :meth:`DiffusionModel.decodes_in
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import warnings
@@ -34,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from align.core.denoisers import FluxDenoiser, ModuleDenoiser, SD3Denoiser, UNetDenoiser
 from align.core.errors import AlignError, ConfigError, check_choice, check_device, check_range
 from align.core.hub import explain_load_failure
+from align.core.model_notes import ModelNotes
 from align.core.paths import is_dir, is_file, user_path
 from align.core.sampling import SamplingSchedule
 
@@ -243,6 +245,22 @@ class DiffusionModel:
             module = pipe.unet
             self.denoiser = UNetDenoiser(module, pipe.scheduler.config.prediction_type)
         self.source: str | None = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
+        self._vocabulary_warned = False
+
+    @functools.cached_property
+    def notes(self) -> ModelNotes | None:
+        """What the model's folder says about itself (``diffusion_align.json``: recommended settings,
+        vocabulary), or None."""
+        return ModelNotes.read(self.source) if self.source and is_dir(self.source) else None
+
+    def warn_unknown_words(self, prompts: Sequence[str]) -> None:
+        """Warn once per model when prompts use words its text encoder does not know (the built-in model)."""
+        if self._vocabulary_warned or self.notes is None:
+            return
+        message = self.notes.vocabulary_warning(prompts)
+        if message:
+            self._vocabulary_warned = True
+            logger.warning(message)
 
     # ------------------------------------------------------------------ precision
     def cast(self, dtype: torch.dtype) -> None:
@@ -421,6 +439,7 @@ class DiffusionModel:
         prompts = list(prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise AlignError(f"prompts={prompts!r} must be a non-empty list of strings")
+        self.warn_unknown_words(prompts)
         pipe, device = self.pipe, self.device
         neg = negative_prompt
         if isinstance(neg, str):

@@ -15,6 +15,7 @@ small), so no DDP wrapper has to see the many model calls of a sampling chain.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import time
@@ -40,6 +41,8 @@ from align.train.checkpoint import (
     set_rng_state,
 )
 from align.train.methods import METHODS, AlignPropConfig, DraftConfig, DraftLVConfig, MethodConfig, ReFLConfig
+
+logger = logging.getLogger("align")
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 #: accelerate's mixed-precision names -> the dtype of the frozen weights
@@ -90,6 +93,8 @@ class TrainConfig:
         allow_pickle: allow loading pickle checkpoints (unsafe with untrusted files).
         report_to: extra trackers through accelerate (tensorboard, wandb) when installed.
         max_nonfinite_steps: stop (with a checkpoint) after this many consecutive steps with a non-finite loss or gradient.
+        model_recommendations: apply the settings the model recommends for training (its diffusion_align.json;
+            the built-in model's lr 3e-3, 20 steps, CFG 4) to the fields you did not set; each is printed at start.
         max_dropped_fraction: with a reward in on_invalid='drop' mode, the largest fraction of a micro-batch's samples
             its transient faults (timeouts, unavailable service, non-finite scores) may drop; a micro-batch that
             loses more skips its step and stops the run with a checkpoint. In [0, 1] (1: never stop for drops).
@@ -135,6 +140,7 @@ class TrainConfig:
     allow_pickle: bool = False
     report_to: list[str] = field(default_factory=list)
     max_nonfinite_steps: int = 5
+    model_recommendations: bool = True
     max_dropped_fraction: float = 0.5
     monitor_rewards: str | dict[str, Any] | None = None
     monitor_prompts: str | list[str] | None = None
@@ -224,19 +230,21 @@ class TrainResult:
     first_reward: float | None
     last_reward: float | None
     stopped_early: str | None = None
+    already_finished: bool = False
 
 
 class Trainer:
     """Reward-backprop fine-tuning of one model with one method and reward.
 
     ``model`` and ``reward`` may be given pre-built (tests, notebooks); otherwise they are loaded
-    from the config.  Call :meth:`train`.
+    from the config.  ``progress``: show a progress bar (a string: the bar's description).  Call
+    :meth:`train`.
     """
 
     #: the dropped fraction of the micro-batch that passed max_dropped_fraction (set by compute_loss)
     dropped_over_limit: float | None = None
 
-    def __init__(self, config: TrainConfig, *, model=None, reward=None, accelerator=None, progress: bool = True):
+    def __init__(self, config: TrainConfig, *, model=None, reward=None, accelerator=None, progress: bool | str = True):
         self.config = config
         self.method = config.method_config
         self._given_model = model
@@ -296,6 +304,7 @@ class Trainer:
                 upcast_vae=cfg.upcast_vae,
             )
         model = self.model
+        cfg = self._apply_model_recommendations()
         model.distilled_guidance = self.method.distilled_guidance
         # the classifier-free guidance scale actually sampled with (1 for a guidance-distilled model
         # unless the method asks for true CFG)
@@ -351,6 +360,23 @@ class Trainer:
         self.monitor_strikes = 0
         self.last_train_reward: float | None = None
         self._setup_done = True
+
+    def _apply_model_recommendations(self) -> TrainConfig:
+        """Fill the fields the user left unset with the model's recommended training settings (printed)."""
+        from align.core.model_notes import apply_recommended
+
+        notes = self.model.notes
+        config, applied = apply_recommended(self.config, notes, "train")
+        if applied:
+            self.config, self.method = config, config.method_config
+            message = (
+                f"using {notes.name}'s recommended settings: {', '.join(applied)} (set these fields to choose "
+                "others; model_recommendations=false ignores them)"
+            )
+            logger.info(message)
+            if self.progress and self.is_main:
+                tqdm.write(message)
+        return self.config
 
     # ------------------------------------------------------------------ sampling + loss
     def _sample_batch(self, step: int, micro: int) -> tuple[list[str], list[torch.Generator]]:
@@ -669,6 +695,32 @@ class Trainer:
         kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
+    def _logged_first_reward(self) -> float | None:
+        """The run's first held-out reward (step 0 of metrics.jsonl), for a resumed run's before/after figure."""
+        path = self.output_dir / "metrics.jsonl"
+        if not path.is_file():
+            return None
+        for line in path.read_text().splitlines():
+            record = json.loads(line) if line.strip() else {}
+            if record.get("step") == 0 and "eval_reward_mean" in record:
+                return float(record["eval_reward_mean"])
+        return None
+
+    def _finished_result(self, step: int) -> TrainResult:
+        """Resuming a run that already reached max_steps: nothing is trained, sampled, logged or saved again."""
+        summary = _read_json(self.output_dir / "summary.json") or {}
+        lora_dir = summary.get("lora_dir")
+        message = (
+            f"the run in {str(self.output_dir)!r} already finished at step {step} (max_steps={self.config.max_steps}); "
+            "nothing to do. Raise max_steps to train it further."
+        )
+        logger.info(message)
+        return TrainResult(
+            self.output_dir, Path(lora_dir) if lora_dir else None, step, self.skipped,
+            summary.get("first_eval_reward", self._logged_first_reward()), summary.get("last_eval_reward"),
+            summary.get("stopped_early"), already_finished=True,
+        )
+
     def train(self) -> TrainResult:
         """Run (or resume) the training loop to ``max_steps``."""
         self.setup()
@@ -676,19 +728,23 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.output_dir / "config.yaml")
+        first_reward = None
         if cfg.resume:
             start = self.resume(cfg.resume)
+            if start >= cfg.max_steps:
+                return self._finished_result(start)
             self._truncate_metrics(start)
+            first_reward = self._logged_first_reward()
         if self.accelerator.log_with:
             self.accelerator.init_trackers("diffusion-align", config=_flat(to_dict(cfg)))
-        first_reward = None
         if self.step == 0 and self.is_main:
             first = self._sample_grid("step-00000000")
             first_reward = first["eval_reward_mean"]
             self._log({"step": 0, **first})
         stopped = None
         bar = tqdm(
-            total=cfg.max_steps, initial=self.step, desc=f"{cfg.method} training", disable=not (self.progress and self.is_main),
+            total=cfg.max_steps, initial=self.step, disable=not (self.progress and self.is_main),
+            desc=self.progress if isinstance(self.progress, str) else f"{cfg.method} training",
             dynamic_ncols=True,
         )
         last_reward = None
@@ -748,6 +804,13 @@ class Trainer:
         if self.accelerator.trackers:
             self.accelerator.end_training()
         return result
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class _swapped:
