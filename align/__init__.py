@@ -28,3 +28,5 @@ class _DropNotice(_logging.Filter):
 _logging.getLogger("transformers.utils.import_utils").addFilter(_DropNotice("requires torchvision (not installed)"))
 # diffusers warns on every dtype cast of a model, even when the list of modules it names is empty.
 _logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropNotice("should be kept in float32: []"))
+# diffusers warns, on every LoRA load, that a LoRA without text-encoder layers has none for the text encoder.
+_logging.getLogger("diffusers.loaders.lora_base").addFilter(_DropNotice("No LoRA keys associated to"))

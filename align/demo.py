@@ -153,6 +153,7 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
         model=config.model, method="draft", reward=config.train_reward, prompts=list(train_prompts),
         output_dir=str(out / "train"), seed=config.seed, max_steps=config.train_steps, batch_size=config.batch_size,
         height=h, width=w, checkpoint_every=0, sample_every=0, num_samples=4, device=config.device,
+        model_recommendations=False,  # the demo's own settings are all explicit
     )
     train_cfg.draft.num_steps = config.num_steps
     train_cfg.draft.guidance_scale = config.guidance_scale
@@ -160,7 +161,7 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
     train_cfg.draft.learning_rate = config.learning_rate
     train_cfg.draft.weight_decay = 0.0
     train_cfg.lora.rank = config.lora_rank
-    trainer = Trainer(train_cfg, model=model, progress=progress)
+    trainer = Trainer(train_cfg, model=model, progress="demo 1/3: fine-tuning (DRaFT-K + LoRA)" if progress else False)
     trainer.setup()
     train_reward = trainer.reward
     eval_prompts = [p for p in heldout for _ in range(config.eval_seeds)]

@@ -19,6 +19,7 @@ import logging
 import math
 import resource
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -521,7 +522,11 @@ class Trainer:
                             e.lerp_(p.detach(), 1.0 - cfg.ema_decay)
         self.optimizer.zero_grad(set_to_none=True)
         lr = float(self.lr_scheduler.get_last_lr()[0])  # the rate this step used
-        self.lr_scheduler.step()
+        with warnings.catch_warnings():
+            # the schedule counts optimiser steps, skipped ones too (deliberately); torch warns when
+            # the first of them was skipped, as if the order of the two calls were wrong
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.lr_scheduler.step()
         if skipped:
             self.skipped += 1
             self.consecutive_bad += 1
