@@ -321,6 +321,7 @@ def tuner_layers(module: nn.Module) -> list[nn.Module]:
 
 
 def has_adapters(module: nn.Module) -> bool:
+    """Whether ``module`` holds any peft adapter layer."""
     return bool(tuner_layers(module))
 
 
