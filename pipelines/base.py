@@ -33,7 +33,7 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
 from align.core.errors import AlignError, check_choice
-from align.core.lora import adapters_disabled, text_encoders
+from align.core.lora import adapters_disabled, has_adapters, text_encoders
 from align.core.models import DEFAULT_DISTILLED_GUIDANCE, DiffusionModel, PromptConditioning
 
 #: family -> diffusers pipeline class whose prompt encoding the family uses
@@ -236,11 +236,12 @@ def _tensors_restored(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
 
 @contextlib.contextmanager
 def text_adapters_disabled(pipe) -> Iterator[bool]:
-    """Disable LoRA adapters on every text encoder that has one; yields whether any had one."""
+    """Disable the adapters of every text encoder that has some (peft tuner layers, however added);
+    yields whether any had."""
     with contextlib.ExitStack() as stack:
         found = False
         for enc in text_encoders(pipe):
-            if getattr(enc, "peft_config", None):
+            if has_adapters(enc):
                 stack.enter_context(adapters_disabled(enc))
                 found = True
         yield found

@@ -245,6 +245,26 @@ def write_slow_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
 
 
+#: the level transformers 4.x CLIPTextModel names its weights under (5.x flattened it away)
+CLIP_TEXT_PREFIX = "text_model."
+
+
+def write_portable_text_encoder(folder: Path) -> None:
+    """Rewrite ``folder/model.safetensors`` (a CLIPTextModel) with every key under ``text_model.``.
+
+    transformers 5 saves CLIPTextModel's weights flattened (``embeddings...``); transformers
+    4.x does not recognise those names and silently re-initialises the whole encoder.  The
+    ``text_model.`` layout is what 4.x saves and what 5.x maps back on load, so every version
+    loads it.  The tensors are written unchanged.
+    """
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    state = load_file(str(path))
+    portable = {k if k.startswith(CLIP_TEXT_PREFIX) else CLIP_TEXT_PREFIX + k: v for k, v in state.items()}
+    save_file(portable, str(path), metadata={"format": "pt"})
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(builtin_model_path("shapes")), help="output folder")
@@ -308,6 +328,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         pipe.save_pretrained(out, safe_serialization=True)
         write_slow_tokenizer_files(out / "tokenizer")
+        write_portable_text_encoder(out / "text_encoder")
         summary = {
             "seed": args.seed,
             "threads": args.threads,

@@ -84,6 +84,7 @@ def test_prompts_parse_back_to_scenes():
 LOADS_WITH_TORCH_DTYPE = pytest.mark.filterwarnings("ignore:.*torch_dtype.*:FutureWarning")
 
 
+@pytest.mark.floor
 @LOADS_WITH_TORCH_DTYPE
 def test_builtin_loads_through_the_checkpoint_path(model):
     from diffusers import StableDiffusionPipeline
@@ -103,6 +104,27 @@ def test_builtin_loads_through_the_checkpoint_path(model):
     assert plain.tokenizer("a red circle on a blue background").input_ids == model.pipe.tokenizer(
         "a red circle on a blue background"
     ).input_ids
+
+
+#: prompt -> last_hidden_state[2, :3] and pooler_output[:3] of the shipped text encoder (computed with
+#: transformers 5.24 from the checkpoint as trained). A transformers version that does not recognise
+#: the checkpoint's weight names re-initialises the encoder without a word; these then move by O(1).
+TEXT_EMBEDDINGS = {
+    "a red circle on a blue background": [-1.75196, -0.4297, 1.55714, 0.85055, -1.31269, -1.10176],
+    "a green triangle on a white background": [-0.46806, 0.7626, 0.03075, 0.83113, -0.14228, 0.09573],
+    "a yellow square on a black background": [-0.76816, 0.03226, 1.87279, -0.46428, 0.49278, -0.03385],
+}
+
+
+@pytest.mark.floor
+def test_text_encoder_loads_the_shipped_weights(model):
+    tokenizer, encoder = model.pipe.tokenizer, model.pipe.text_encoder
+    ids = tokenizer(list(TEXT_EMBEDDINGS), padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden, pooled = encoder(ids)[:2]
+    values = torch.cat([hidden[:, 2, :3], pooled[:, :3]], dim=1)
+    torch.testing.assert_close(values, torch.tensor(list(TEXT_EMBEDDINGS.values())), atol=1e-4, rtol=0)
 
 
 @LOADS_WITH_TORCH_DTYPE

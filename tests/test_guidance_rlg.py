@@ -132,6 +132,7 @@ def test_blend_is_linear_in_the_weight(lora_model):
         torch.testing.assert_close(mixed, model.denoiser(x, t, pc.cond), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.floor
 def test_text_encoder_lora_base_side_uses_the_plain_encoder():
     from pipelines import RLGuidancePipeline
 
@@ -155,6 +156,7 @@ def test_text_encoder_lora_base_side_uses_the_plain_encoder():
     assert (aligned - ref).abs().max() > 1e-3
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("family", ["sd", "flux"])
 def test_pipeline_with_diffusers_loaded_lora(tmp_path, family):
     from align.core.lora import save_lora

@@ -21,6 +21,7 @@ def _our_sample(model, latents, steps, guidance, height, width, **encode):
     return model.decode(x)
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize(
     "family,height,width,guidance",
     [("sd", 32, 32, 5.0), ("sd", 32, 48, 1.0), ("sdxl", 32, 32, 5.0), ("sd3", 32, 48, 4.0), ("flux", 32, 32, 1.0)],

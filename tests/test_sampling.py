@@ -32,6 +32,7 @@ def _fake_model(x, t):
     return torch.tanh(x * 0.7 + t.view(-1, 1, 1, 1) / 1000.0)
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("name,cls,config,eta", VP_CASES, ids=[c[0] for c in VP_CASES])
 def test_vp_steps_match_diffusers(name, cls, config, eta):
     ref = cls(**{k: v for k, v in config.items() if k in cls.__init__.__code__.co_varnames})
@@ -56,6 +57,7 @@ def test_vp_steps_match_diffusers(name, cls, config, eta):
         x_ref, x_ours = ref_out.prev_sample, step.prev_sample
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_flow_euler_matches_diffusers(shift):
     ref = FlowMatchEulerDiscreteScheduler(shift=shift)

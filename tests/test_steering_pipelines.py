@@ -20,6 +20,7 @@ PROMPTS = ["a red circle", "a blue square"]
 SMALL = dict(num_inference_steps=6, height=32, width=32, resample_start=1, resample_end=4, resample_interval=2)
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
 def test_from_pipe_and_from_pretrained_for_every_family(tmp_path, family):
     extra = {"max_sequence_length": 8} if family in ("sd3", "flux") else {}

@@ -79,6 +79,7 @@ def test_training_raises_heldout_reward(tmp_path, family, method, args):
     assert (cfg_dir / "samples" / "step-00000000.png").is_file()
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("family", ["sd", "sd3"])
 def test_saved_lora_reproduces_samples_in_plain_diffusers(tmp_path, family):
     cfg = _config(tmp_path, "draft", family, max_steps=3, method_args={"num_steps": 4})
@@ -236,6 +237,7 @@ def test_accumulation_trains_on_the_same_samples_as_a_larger_batch(tmp_path):
     assert apart <= 2e-3 * moved, (apart, moved)
 
 
+@pytest.mark.floor
 def test_text_encoder_lora_is_trained(tmp_path):
     trainer = _train(_config(tmp_path, "draft", max_steps=2, lora={"rank": 2, "text_encoder": True},
                              method_args={"num_steps": 3}))

@@ -7,7 +7,11 @@ path used with real checkpoints runs offline in seconds.
 
 from __future__ import annotations
 
+import inspect
+import json
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
@@ -45,7 +49,19 @@ def word_tokenizer(words: Iterable[str] = DEFAULT_WORDS, max_length: int = 16):
             add(parts[0])
     add("<|startoftext|>")
     add("<|endoftext|>")
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    if _takes_vocabulary(CLIPTokenizer):
+        return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    # transformers 4.x reads the vocabulary from files only (same token ids)
+    with tempfile.TemporaryDirectory() as folder:
+        vocab_file, merges_file = Path(folder, "vocab.json"), Path(folder, "merges.txt")
+        vocab_file.write_text(json.dumps(vocab))
+        merges_file.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+        return CLIPTokenizer(str(vocab_file), str(merges_file), model_max_length=max_length)
+
+
+def _takes_vocabulary(tokenizer_cls) -> bool:
+    """Whether the tokenizer builds from an in-memory vocabulary (transformers >= 5)."""
+    return "vocab" in inspect.signature(tokenizer_cls.__init__).parameters
 
 
 def _seed(seed: int) -> None:
@@ -215,7 +231,22 @@ def t5_word_tokenizer(words: Iterable[str] = DEFAULT_WORDS):
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     vocab += [("\u2581" + w, -1.0) for w in sorted(set(words))]
     vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz"]
-    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+    if _takes_vocabulary(T5TokenizerFast):
+        return T5TokenizerFast(vocab=vocab, extra_ids=0)
+    # transformers 4.x: the same unigram model, pre-tokenizer and </s> suffix that 5.x builds from ``vocab``
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+
+    backend = Tokenizer(Unigram(vocab, unk_id=2, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True),
+    ])
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(tokenizer_object=backend, extra_ids=0, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
 
 
 def tiny_flux_pipeline(seed: int = 0):
