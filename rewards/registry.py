@@ -139,4 +139,4 @@ def _load_builtins() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    from . import compose, zoo  # noqa: F401
+    from . import compose, remote, zoo  # noqa: F401
