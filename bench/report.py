@@ -339,6 +339,26 @@ def fk_potentials_tables(payload: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def reward_server_table(payload: dict[str, Any]) -> str:
+    """Throughput, latency and accounting of the reward server under concurrent clients, batching off and on."""
+    settings = payload["settings"]
+    rows = []
+    for r in payload["rows"]:
+        batching = "off (one request per call)" if r["max_batch_size"] == 1 else (
+            f"up to {r['max_batch_size']} images, {r['max_delay_ms']:g} ms")
+        rows.append([
+            r["reward"], batching, f"{r['images_per_second']:.0f}", f"{r['requests_per_second']:.1f}",
+            f"{r['latency_p50_ms']:.0f}", f"{r['latency_p99_ms']:.0f}", f"{r['mean_batch_images']:.1f}",
+            f"{r['lost']} / {r['duplicated']} / {r['mismatched']}", f"{r['max_difference']:.1e}",
+        ])
+    header = (f"{settings['clients']} client processes x {settings['requests']} requests x {settings['images']} images "
+              f"({settings['size']}x{settings['size']}), every answer checked against the in-process reward "
+              f"(tolerance {settings['tolerance']:g}).")
+    return "\n".join([_machine(payload), "", header, "", _table(
+        ["reward", "batching", "images/s", "requests/s", "p50 latency, ms", "p99 latency, ms", "images per call",
+         "lost / duplicated / mismatched", "max abs. difference"], rows)])
+
+
 def _load(name: str) -> dict[str, Any] | None:
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -364,6 +384,8 @@ def render(name: str) -> str:
         return plan_presets_table(data)
     if data["benchmark"] == "fk_potentials":
         return fk_potentials_tables(data)
+    if data["benchmark"] == "reward_server":
+        return reward_server_table(data)
     raise ValueError(f"unknown benchmark {data['benchmark']!r}")
 
 

@@ -173,7 +173,8 @@ def _url_parts(url: str) -> tuple[str, str, int, str]:
 
 @register_reward("remote")
 class RemoteReward(Reward):
-    """A reward served by ``align serve-reward`` (HTTP): scores computed by one shared model.
+    """A reward served by ``align serve-reward`` (HTTP): scores computed by one shared model;
+    differentiable when the served reward is.
 
     Args:
         url: the server (default: the ``ALIGN_REWARD_URL`` environment variable).

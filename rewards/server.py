@@ -121,35 +121,8 @@ class ServeConfig:
         check_range("request_timeout", self.request_timeout, 0, low_inclusive=False)
 
     def reward_specs(self) -> dict[str, Any]:
-        """Served name -> what :func:`build_served_reward` builds it from."""
+        """Served name -> what :func:`rewards.registry.build_reward_entry` builds it from."""
         return {n: n for n in self.rewards} if isinstance(self.rewards, list) else dict(self.rewards)
-
-
-def build_served_reward(name: str, spec: Any, *, offline: bool | None = None) -> Reward:
-    """A reward from a served entry: a registered name, ``{reward: name, **arguments}``, or a composition."""
-    from .registry import build_reward, get_reward_factory
-
-    if isinstance(spec, str):
-        return _with_offline(build_reward, get_reward_factory(spec), spec, {}, offline)
-    if isinstance(spec, Mapping) and "reward" in spec:
-        args = dict(spec)
-        target = args.pop("reward")
-        return _with_offline(build_reward, get_reward_factory(target), target, args, offline)
-    if isinstance(spec, Mapping):
-        return build_reward(spec)
-    raise ConfigError(f"rewards.{name}={spec!r} must be a reward name, a mapping with 'reward', or a {{name: weight}} mapping")
-
-
-def _with_offline(build, factory, name: str, args: dict, offline: bool | None) -> Reward:
-    import inspect
-
-    try:
-        accepts = "offline" in inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        accepts = False
-    if offline is not None and accepts and "offline" not in args:
-        args["offline"] = offline
-    return build(name, **args)
 
 
 # -- batching ---------------------------------------------------------------------------------------------
@@ -474,7 +447,9 @@ class ServerThread:
 def serve(config: ServeConfig, *, announce=print) -> None:
     """Build the configured rewards, then serve them until interrupted (``align serve-reward``)."""
     uvicorn = _import_server()
-    rewards = {name: build_served_reward(name, spec, offline=config.offline) for name, spec in config.reward_specs().items()}
+    from .registry import build_reward_entry
+
+    rewards = {name: build_reward_entry(name, spec, offline=config.offline) for name, spec in config.reward_specs().items()}
     app = create_app(rewards, config)
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
@@ -492,9 +467,18 @@ def serve(config: ServeConfig, *, announce=print) -> None:
 # -- load test --------------------------------------------------------------------------------------------
 @dataclass
 class LoadTestResult:
-    """What a load test measured: requests and images sent and answered, wall time, latencies (seconds),
-    and the accounting: answers that differ from the reference, requests never answered, images the
-    server scored more often than they were sent."""
+    """What a load test measured and how every request was accounted for.
+
+    Attributes:
+        clients, requests, images: concurrent clients; requests and images answered.
+        seconds: from the first request sent to the last answer received.
+        latencies: seconds from sending each answered request to receiving its answer.
+        mismatched: answers differing from the reference's scores on the same images by more than the tolerance.
+        max_difference: the largest |answer - reference| over all scores.
+        lost: requests that got no answer.
+        duplicated: images the server scored beyond those sent (its /health counter before and after).
+        batches: calls the server made to the reward.
+    """
 
     clients: int
     requests: int
@@ -502,8 +486,10 @@ class LoadTestResult:
     seconds: float
     latencies: list[float]
     mismatched: int
+    max_difference: float
     lost: int
     duplicated: int
+    batches: int
 
     @property
     def images_per_second(self) -> float:
@@ -524,40 +510,46 @@ class LoadTestResult:
             "images_per_second": self.images_per_second, "requests_per_second": self.requests_per_second,
             "latency_p50_ms": 1000 * self.percentile(50), "latency_p99_ms": 1000 * self.percentile(99),
             "latency_mean_ms": 1000 * statistics.fmean(self.latencies), "mismatched": self.mismatched,
-            "lost": self.lost, "duplicated": self.duplicated,
+            "max_difference": self.max_difference, "lost": self.lost, "duplicated": self.duplicated,
+            "batches": self.batches, "mean_batch_images": self.images / max(self.batches, 1),
         }
 
 
 def tagged_images(client: int, request: int, count: int, size: int) -> Tensor:
-    """The images of one load-test request: flat grey levels set by (client, request, index), so that
-    the reference reward can recompute what each answer must be."""
-    levels = torch.tensor([(client * 7919 + request * 104729 + j * 1299709) % 251 + 2 for j in range(count)],
-                          dtype=torch.float32) / 255
-    return levels.view(-1, 1, 1, 1).expand(count, 3, size, size).contiguous()
+    """The images of one load-test request: noise seeded by (client, request), so that the reference
+    reward can recompute what each answer must be."""
+    generator = torch.Generator().manual_seed(1_000_003 * client + request)
+    return torch.rand(count, 3, size, size, generator=generator)
 
 
 def _prompts(client: int, request: int, count: int) -> list[str]:
-    return [f"client {client} request {request} image {j}" for j in range(count)]
+    return [f"a photo of a cat {client} {request} {j}" for j in range(count)]
 
 
-def _client_run(url: str, reward: str, client: int, requests: int, images_per_request: int, size: int):
-    """One client's requests, one after the other: [(request, scores or None if it failed, latency)]."""
+def _client_run(url: str, reward: str, client: int, requests: int, images_per_request: int, size: int,
+                start_at: float):
+    """One client's requests, one after the other, from ``start_at`` (wall clock):
+    [(request, scores or None if it failed, sent, answered)]."""
     from .remote import RemoteReward
 
     remote = RemoteReward(url, reward=reward, differentiable=False, retries=5, retry_backoff=0.05)
+    batches = [(tagged_images(client, r, images_per_request, size), _prompts(client, r, images_per_request))
+               for r in range(requests)]
+    time.sleep(max(0.0, start_at - time.time()))
     out = []
-    for r in range(requests):
-        start = time.perf_counter()
+    for r, (images, prompts) in enumerate(batches):
+        sent = time.time()
         try:
-            scores = remote.score(tagged_images(client, r, images_per_request, size), _prompts(client, r, images_per_request))
-            out.append((r, scores.scores.tolist(), time.perf_counter() - start))
+            scores = remote.score(images, prompts).scores.tolist()
         except AlignError as exc:
             logger.warning("load test client %d request %d failed: %s", client, r, exc)
-            out.append((r, None, time.perf_counter() - start))
+            scores = None
+        out.append((r, scores, sent, time.time()))
     return out
 
 
-def _images_scored(url: str, reward: str) -> int:
+def _served_counters(url: str, reward: str) -> tuple[int, int]:
+    """(images scored, batches) of a served reward, from /health."""
     import urllib.request
 
     request = urllib.request.Request(url.rstrip("/") + "/health")
@@ -566,23 +558,25 @@ def _images_scored(url: str, reward: str) -> int:
         request.add_header("Authorization", f"Bearer {token}")
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(request, timeout=30) as response:
-        return int(json.loads(response.read())["rewards"][reward]["images_scored"])
+        served = json.loads(response.read())["rewards"][reward]
+    return int(served["images_scored"]), int(served["batches"])
 
 
 def load_test(url: str, reward: str, *, clients: int, requests: int, images_per_request: int, size: int = 16,
-              reference: Reward | None = None, processes: bool = False) -> LoadTestResult:
+              reference: Reward | None = None, tolerance: float = 0.0, processes: bool = False,
+              start_delay: float = 0.0) -> LoadTestResult:
     """``clients`` concurrent clients (threads, or spawned processes) each sending ``requests`` requests
-    of ``images_per_request`` images, one after the other; every answer is checked.
+    of ``images_per_request`` images one after the other; every answer is checked against
+    ``reference`` (the in-process reward) within ``tolerance`` (0: bitwise).
 
-    ``mismatched``: answers whose scores differ (bitwise) from ``reference``'s on the same images;
-    ``lost``: requests that got no answer; ``duplicated``: images the server scored beyond those sent
-    (its ``/health`` counter before and after).
+    Clients prepare their images, then start together ``start_delay`` seconds after the call (give
+    spawned processes time to import); throughput counts from the first request to the last answer.
     """
     for field_name, value in (("clients", clients), ("requests", requests), ("images_per_request", images_per_request)):
         check_range(field_name, value, 1, integer=True)
-    scored_before = _images_scored(url, reward)
-    args = [(url, reward, c, requests, images_per_request, size) for c in range(clients)]
-    start = time.perf_counter()
+    scored_before, batches_before = _served_counters(url, reward)
+    start_at = time.time() + start_delay
+    args = [(url, reward, c, requests, images_per_request, size, start_at) for c in range(clients)]
     if processes:
         import multiprocessing
 
@@ -591,17 +585,23 @@ def load_test(url: str, reward: str, *, clients: int, requests: int, images_per_
     else:
         with ThreadPoolExecutor(max_workers=clients) as pool:
             answers = list(pool.map(lambda a: _client_run(*a), args))
-    seconds = time.perf_counter() - start
-    scored = _images_scored(url, reward) - scored_before
-    answered = {(c, r): scores for c, rows in enumerate(answers) for r, scores, _ in rows if scores is not None}
-    latencies = [latency for rows in answers for _, scores, latency in rows if scores is not None]
-    mismatched = 0
+    scored_after, batches_after = _served_counters(url, reward)
+    rows = [(c, r, scores, sent, done) for c, client_rows in enumerate(answers) for r, scores, sent, done in client_rows]
+    answered = [(c, r, scores) for c, r, scores, _, _ in rows if scores is not None]
+    timed = [(sent, done) for _, _, scores, sent, done in rows if scores is not None]
+    mismatched, max_difference = 0, 0.0
     if reference is not None:
-        for (client, r), scores in answered.items():
+        for client, r, scores in answered:
             with torch.no_grad():
                 images = tagged_images(client, r, images_per_request, size)
                 expected = reference.score(images, _prompts(client, r, images_per_request)).scores.float()
-            mismatched += not torch.equal(torch.tensor(scores, dtype=torch.float32), expected)
-    sent = clients * requests
-    return LoadTestResult(clients, len(answered), len(answered) * images_per_request, seconds, latencies,
-                          mismatched, sent - len(answered), max(0, scored - sent * images_per_request))
+            difference = float((torch.tensor(scores, dtype=torch.float32) - expected).abs().max())
+            max_difference = max(max_difference, difference)
+            mismatched += difference > tolerance
+    sent_images = clients * requests * images_per_request
+    seconds = max(done for _, done in timed) - min(sent for sent, _ in timed) if timed else math.nan
+    return LoadTestResult(
+        clients, len(answered), len(answered) * images_per_request, seconds, [d - s for s, d in timed], mismatched,
+        max_difference, clients * requests - len(answered), max(0, scored_after - scored_before - sent_images),
+        batches_after - batches_before,
+    )

@@ -123,3 +123,11 @@ def test_got_ocr_from_a_local_folder_offline(tiny_got_folder):
     assert out.scores.shape == (2,) and torch.isfinite(out.scores).all()
     expected = [ocr_similarity(quoted_text(p), t) for p, t in zip(prompts, texts)]
     torch.testing.assert_close(out.scores, torch.tensor(expected))  # greedy decoding: the same text again
+
+
+def test_a_composite_applies_where_all_its_parts_do():
+    from rewards import WeightedSum
+
+    mixed = WeightedSum({"ocr": (OCRReward(stub_reader(["x"])), 1.0), "light": (build_reward("brightness"), 0.5)})
+    assert mixed.applies_to('a sign "x"') and not mixed.applies_to("a photo of a cat")
+    assert build_reward("brightness").applies_to("anything")

@@ -9,8 +9,8 @@ What the released model is (MizzenAI/HPSv3, MIT; config ``HPSv3_7B.yaml``, its i
   :data:`HPSV3_REWARD_PROMPT`, in the chat template with the assistant turn opened;
 * head ("ranknet" without arguments), in float32 on the last layer's hidden state at ``<|Reward|>``:
   Linear(hidden, 1024), ReLU, Dropout(0.05), Linear(1024, 16), ReLU, Linear(16, 2);
-* score: output 0, the mean of the Gaussian HPSv3 predicts (about -5 to 15 on generated images);
-  output 1 is its uncertainty parameter, reported in ``info["uncertainty"]``;
+* score: output 0, the mean of the Gaussian HPSv3 predicts; output 1 is its uncertainty parameter,
+  reported in ``info["uncertainty"]``;
 * checkpoint ``MizzenAI/HPSv3/HPSv3.safetensors``: the whole model in transformers 4.45's layout
   (``visual.*``, ``model.*`` for the language model, ``lm_head.*``, ``rm_head.*``), remapped here
   onto ``Qwen2VLModel`` (``visual.*``, ``language_model.*``; the LM head is not needed).
@@ -139,7 +139,8 @@ def load_hpsv3(checkpoint: str | Path | Mapping[str, Tensor], base: str, *, offl
 
 @register_reward("hpsv3")
 class HPSv3(Reward):
-    """HPSv3 human preference score of the image for its prompt (Qwen2-VL-7B + reward head; about -5 to 15).
+    """HPSv3 human preference score of the image for its prompt (Qwen2-VL-7B + reward head; the mean of
+    the Gaussian it predicts).
 
     Args:
         checkpoint: the HPSv3 weights: local file, ``owner/repo/filename`` on the hub (default

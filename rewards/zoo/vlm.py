@@ -79,7 +79,8 @@ def _is_loopback(url: str) -> bool:
 
 @register_reward("vlm_judge")
 class VLMJudge(Reward):
-    """Score images with a VLM behind an OpenAI-compatible ``/chat/completions`` endpoint.
+    """Score images with a VLM behind an OpenAI-compatible ``/chat/completions`` endpoint: a rubric's
+    score, or (mode=yes_no) the probability that it answers "Yes" (VQAScore through an API).
 
     Args:
         endpoint: base URL (``http://host:port/v1``) or the full ``.../chat/completions`` URL
