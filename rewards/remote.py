@@ -233,6 +233,33 @@ class RemoteReward(Reward):
             connection.close()
             self._local.connection = None
 
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_local", None)  # connections stay with the process and thread that opened them
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._local = threading.local()
+
+    def _exchange(self, method: str, path: str, body: bytes | None, headers: dict) -> tuple[http.client.HTTPResponse, bytes]:
+        """One request on this thread's connection; a kept-alive connection the server has closed
+        meanwhile is reopened once (the request never reached the server)."""
+        reused = getattr(self._local, "connection", None) is not None
+        try:
+            connection = self._connection()
+            connection.request(method, self.base_path + path, body=body, headers=headers)
+            response = connection.getresponse()
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            if not reused:
+                raise
+            self._drop_connection()
+            connection = self._connection()
+            connection.request(method, self.base_path + path, body=body, headers=headers)
+            response = connection.getresponse()
+        return response, response.read()
+
     def _http(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         """(status, body) of one request; network failures become :class:`RewardUnavailable`."""
         headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
@@ -240,10 +267,7 @@ class RemoteReward(Reward):
         if token:
             headers["Authorization"] = f"Bearer {token}"
         try:
-            connection = self._connection()
-            connection.request(method, self.base_path + path, body=body, headers=headers)
-            response = connection.getresponse()
-            data = response.read()
+            response, data = self._exchange(method, path, body, headers)
         except TimeoutError:
             self._drop_connection()
             raise RewardUnavailable(f"{self._where()}: no answer within timeout={self.request_timeout}s") from None

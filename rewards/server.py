@@ -65,6 +65,8 @@ logger = logging.getLogger("rewards.server")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MIB = 2**20
+#: seconds an idle client connection stays open (a training step between two scorings can take a while)
+KEEP_ALIVE_S = 120
 
 
 @dataclass
@@ -190,6 +192,7 @@ class RewardWorker:
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout)
         except asyncio.TimeoutError:
+            future.cancel()  # its batch still runs; the answer is dropped (the batcher skips done futures)
             raise RequestError(503, f"reward {self.name!r} gave no score within request_timeout={timeout:g}s "
                                     f"({self.queued_images} images queued); retry later") from None
 
@@ -417,10 +420,12 @@ class ServerThread:
     ...     RemoteReward(server.url, reward="brightness")(images)
     """
 
-    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, **uvicorn_options):
         uvicorn = _import_server()
         self.socket = bind(host, port)
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+        options = {"log_level": "warning", "access_log": False, "lifespan": "on",
+                   "timeout_keep_alive": KEEP_ALIVE_S, **uvicorn_options}
+        self.server = uvicorn.Server(uvicorn.Config(app, **options))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
                                        name="reward-server", daemon=True)
 
@@ -457,7 +462,8 @@ def serve(config: ServeConfig, *, announce=print) -> None:
     kinds = ", ".join(f"{n} ({'differentiable' if r.differentiable else 'black-box'})" for n, r in rewards.items())
     announce(f"serving {kinds} at http://{host}:{port}  (GET /health, POST /v1/score/NAME; "
              f"bearer token {'required' if token else 'not required'}; batches of up to {config.max_batch_size} images)")
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                           timeout_keep_alive=KEEP_ALIVE_S))
     try:
         server.run(sockets=[sock])
     finally:

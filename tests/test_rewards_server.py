@@ -65,7 +65,7 @@ def served():
     }
     config = ServeConfig(rewards=list(rewards), token_env=TOKEN_ENV, max_batch_size=8, max_delay_ms=20,
                          max_images_per_request=8, max_request_mb=1, request_timeout=0.4)
-    with ServerThread(create_app(rewards, config)) as server:
+    with ServerThread(create_app(rewards, config), timeout_keep_alive=1) as server:
         server.rewards = rewards
         yield server
     os.environ.pop(TOKEN_ENV, None)
@@ -183,6 +183,18 @@ def test_bad_requests_get_a_status_and_a_message_and_the_server_keeps_serving(se
     got, answer = post(served, path, body, token)
     assert got == status and re.search(message, answer["error"]), answer
     assert remote(served, "brightness")(torch.rand(1, 3, 8, 8)).shape == (1,)  # still serving
+
+
+def test_idle_connections_closed_by_the_server_are_reopened_and_the_client_pickles(served):
+    import pickle
+
+    reward = remote(served, "brightness")  # no retries: a stale connection must not count as a fault
+    x = torch.rand(2, 3, 8, 8)
+    first = reward(x)
+    time.sleep(1.3)  # past the server's keep-alive (1 s here): it has closed the connection
+    assert torch.equal(reward(x), first)
+    copy = pickle.loads(pickle.dumps(reward))  # e.g. into a data-loader worker
+    assert torch.equal(copy(x), first)
 
 
 def test_client_maps_statuses_to_the_reward_protocol(served, unused_port):

@@ -534,6 +534,7 @@ class GenEvalReward(Reward):
         max_objects: most detections kept per object name.
         max_overlap: IoU at or above which a less confident box is dropped as a duplicate (1: no suppression).
         position_threshold: GenEval's margin, a fraction of the boxes' summed sizes.
+        classes: known object names, which resolve what the templates leave ambiguous (default: GenEval's 80).
         offline, revision: hub loading.
     """
 
