@@ -11,7 +11,9 @@ duplicated: images scored beyond those sent, from the server's counter).  Rows:
 * ``clipscore (tiny)``: the toy CLIP of ``rewards.testing`` (two layers, 32 px), a model whose cost
   grows slower than linearly with the batch, where batching pays;
 
-each with batching off (``max_batch_size=1``) and on (``max_batch_size=32``, ``max_delay_ms=10``).
+each with batching off (``max_batch_size=1``) and on (``max_batch_size=32``, ``max_delay_ms=10``),
+the two alternating, ``--repeats`` times (on a shared machine one run's figures are noise; the
+report gives medians and the range).
 
 Example::
 
@@ -67,14 +69,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest |remote - in-process| accepted (model kernels may sum in another order by batch)")
     parser.add_argument("--start-delay", type=float, default=15.0, help="seconds for the client processes to start")
     parser.add_argument("--rewards", nargs="+", default=["brightness", "clipscore (tiny)"])
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration, alternating")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     payload = new_payload("reward_server", __file__, argv, "cpu", 1)
-    payload["settings"] = {k: getattr(args, k) for k in ("clients", "requests", "images", "size", "delay_ms", "tolerance")}
+    payload["settings"] = {k: getattr(args, k) for k in ("clients", "requests", "images", "size", "delay_ms", "tolerance",
+                                                         "repeats")}
     for name in args.rewards:
-        for max_batch_size in (1, 32):
-            row = run_row(name, max_batch_size, args)
-            payload["rows"].append(row)
+        for repeat in range(args.repeats):
+            for max_batch_size in (1, 32):
+                row = {"repeat": repeat, **run_row(name, max_batch_size, args)}
+                payload["rows"].append(row)
             print(f"{name:18s} batch<={max_batch_size:3d}: {row['images_per_second']:8.1f} images/s, "
                   f"p50 {row['latency_p50_ms']:7.1f} ms, p99 {row['latency_p99_ms']:7.1f} ms, "
                   f"{row['mean_batch_images']:5.1f} images/batch, lost {row['lost']}, duplicated {row['duplicated']}, "

@@ -15,6 +15,9 @@ import torch
 from _threads import one_thread  # noqa: F401
 from safetensors.torch import save
 
+pytest.importorskip("starlette", reason="the reward server needs the 'serve' extra")
+pytest.importorskip("uvicorn", reason="the reward server needs the 'serve' extra")
+
 from align.core.errors import AlignError, ConfigError, RewardCrash, RewardError, RewardUnavailable
 from rewards import Reward, build_reward
 from rewards.remote import RemoteReward, decode_request, encode_request
