@@ -99,7 +99,7 @@ class EvalConfig(SampleConfig):
         images: a folder of images to score (prompts from its metadata.jsonl, else the file names); None samples the model.
         rewards: rewards to evaluate, each reported separately: names (see --list-rewards), or in YAML a mapping label -> a name, {reward: name, argument: value, ...} or a {name: weight} composition.
         reward_batch_size: images per reward call.
-        extremes: images per row of each reward's grid of worst (top) and best (bottom) images.
+        extremes: images per row of each reward's grid of worst (top) and best (bottom) images (at most half of those it scored).
     """
 
     images: str | None = None
@@ -298,9 +298,10 @@ def category_means(by_category: dict[str, dict[str, dict[str, float]]]) -> dict[
 
 
 def extremes(values: Tensor, count: int) -> tuple[list[int], list[int]]:
-    """(worst ``count`` image indices, lowest first; best ``count``, highest first) among finite values."""
+    """(worst ``count`` image indices, lowest first; best ``count``, highest first) among finite values;
+    at most half of them each, so that the two rows show different images (one image: both)."""
     finite = [i for i in torch.argsort(values, stable=True).tolist() if math.isfinite(float(values[i]))]
-    count = min(count, len(finite))
+    count = min(count, max(1, len(finite) // 2)) if finite else 0
     return finite[:count], finite[::-1][:count]
 
 

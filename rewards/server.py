@@ -4,9 +4,10 @@ A training run on 8 GPUs should not load a 7B judge 8 times: one process loads e
 and every worker names ``{"remote": {"url": ..., "reward": NAME}}`` (:mod:`rewards.remote`).
 
 * Framework: Starlette on uvicorn (the optional extra ``serve``), one asyncio event loop.
-* Dynamic batching: requests for a reward wait in its queue; a batch is closed when it holds
-  ``max_batch_size`` images or ``max_delay_ms`` after its first request arrived, and scored in
-  one call on the reward's own worker thread (one model, one device: calls never overlap).
+* Dynamic batching: requests for a reward wait in its queue; once the reward is free, a batch is
+  opened with the oldest request and closed when it holds ``max_batch_size`` images or
+  ``max_delay_ms`` later, and scored in one call on the reward's own worker thread (one model,
+  one device: calls never overlap; requests that arrived while it was busy join at once).
   Requests are batched with others of the same image size, dtype and gradient wish.  If a batch of
   several requests fails, each request is scored alone, so that one bad request cannot fail the
   others and every error reaches the request that caused it.
@@ -225,11 +226,16 @@ class RewardWorker:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
+            for job in [job for job in batch if job.future.done()]:  # its client gave up while it waited
+                self.queued_images -= job.images.shape[0]
+                batch.remove(job)
+            if not batch:
+                continue
             results = await loop.run_in_executor(self.executor, self._run, batch)
             self.batches += 1
             for job, result in zip(batch, results):
                 self.queued_images -= job.images.shape[0]
-                if job.future.done():  # its client timed out
+                if job.future.done():  # its client gave up while it was scored
                     continue
                 if isinstance(result, BaseException):
                     job.future.set_exception(result)

@@ -103,7 +103,8 @@ def test_rewards_per_image_and_per_category(folder, tmp_path):
     # worst and best per reward, lowest and highest first; the grids are written
     assert [e["file_name"] for e in table["extremes"]["brightness"]["worst"]] == ["0000.png", "0001.png"]
     assert [e["file_name"] for e in table["extremes"]["brightness"]["best"]] == ["0005.png", "0004.png"]
-    assert [e["file_name"] for e in table["extremes"]["test_ocr_stub"]["best"]] == ["0003.png", "0004.png"]
+    assert [e["file_name"] for e in table["extremes"]["test_ocr_stub"]["best"]] == ["0003.png"]
+    assert [e["file_name"] for e in table["extremes"]["test_ocr_stub"]["worst"]] == ["0004.png"]
     for name in ("brightness", "test_ocr_stub", "test_geneval_stub"):
         grid = iio.imread(out / table["extremes"][name]["grid"])
         assert grid.shape[0] > grid.shape[1] / 2  # two rows
@@ -114,8 +115,10 @@ def test_rewards_per_image_and_per_category(folder, tmp_path):
 
 def test_extremes_skip_missing_scores():
     values = torch.tensor([0.5, float("nan"), 0.1, 0.9, float("nan")])
-    assert extremes(values, 2) == ([2, 0], [3, 0])
-    assert extremes(values, 5) == ([2, 0, 3], [3, 0, 2])
+    assert extremes(values, 2) == ([2], [3])  # three scored images: one each, never the same on both rows
+    assert extremes(torch.tensor([0.3, 0.1, 0.2, 0.4]), 5) == ([1, 2], [3, 0])
+    assert extremes(torch.tensor([0.7, float("nan")]), 3) == ([0], [0])
+    assert extremes(torch.tensor([float("nan")]), 3) == ([], [])
 
 
 def test_eval_samples_a_geneval_metadata_file(tmp_path):
