@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "steer": "steer",
     "guide": "guide",
     "demo": "demo",
+    "serve-reward": "serve_reward",
 }
 
 
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="align",
         description=(
             "Align diffusion models with rewards: fine-tune by reward backpropagation (train), "
-            "steer at inference time (steer, guide), sample, evaluate, and run the built-in demo."
+            "steer at inference time (steer, guide), sample, evaluate, serve rewards to many workers "
+            "(serve-reward), and run the built-in demo."
         ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -7,6 +7,15 @@ scores such a folder (or any folder of images: prompts from ``metadata.jsonl``, 
 names), or samples a model on a prompt set first, and writes ``scores.csv``, ``scores.json``
 (per-image scores, per-reward mean / std / min / max, and what was scored: the model and LoRA, from
 the sample folder's ``sampling.json`` when a folder is scored) and ``grid.png``.
+
+Each image's prompt has a category: its GenEval task type (from a GenEval metadata file given as
+``prompts=...jsonl``, or GenEval's templates), ``ocr`` for prompts that quote text to render, else
+``other``.  ``scores.json`` reports every reward per category too ("by_category"; with GenEval's
+reward, the per-task accuracies, and "category_mean" their average, GenEval's overall score; with
+the OCR reward, ``ocr/exact`` on the ``ocr`` category is the OCR accuracy).  A reward is scored only
+on the prompts it applies to (:meth:`rewards.Reward.applies_to`: the OCR reward on prompts with
+quoted text, GenEval's on GenEval prompts); its info entries become columns ``reward/key``.
+``grid_<reward>.png`` shows each reward's worst images (top row) and best (bottom row).
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,13 +112,15 @@ class EvalConfig(SampleConfig):
 
     Attributes:
         images: a folder of images to score (prompts from its metadata.jsonl, else the file names); None samples the model.
-        rewards: rewards to evaluate, each reported separately (names; see --list-rewards).
+        rewards: rewards to evaluate, each reported separately: names (see --list-rewards), or in YAML a mapping label -> a name, {reward: name, argument: value, ...} or a {name: weight} composition.
         reward_batch_size: images per reward call.
+        extremes: images per row of each reward's grid of worst (top) and best (bottom) images (at most half of those it scored).
     """
 
     images: str | None = None
-    rewards: list[str] = field(default_factory=lambda: ["brightness", "saturation", "jpeg_compressibility"])
+    rewards: list[str] | dict[str, Any] = field(default_factory=lambda: ["brightness", "saturation", "jpeg_compressibility"])
     reward_batch_size: int = 16
+    extremes: int = 4
     output_dir: str = "eval"
 
     def __post_init__(self) -> None:
@@ -115,6 +128,11 @@ class EvalConfig(SampleConfig):
         if not self.rewards:
             raise ConfigError("rewards=[] is empty; name at least one reward")
         check_range("reward_batch_size", self.reward_batch_size, 1, None, integer=True)
+        check_range("extremes", self.extremes, 1, 64, integer=True)
+
+    def reward_specs(self) -> dict[str, Any]:
+        """Label -> what :func:`rewards.registry.build_reward_entry` builds it from."""
+        return {n: n for n in self.rewards} if isinstance(self.rewards, list) else dict(self.rewards)
 
 
 def sample_to_folder(config: SampleConfig, model=None, progress: bool = True) -> tuple[Path, list[dict[str, Any]], Tensor]:
@@ -203,19 +221,51 @@ def read_image_folder(folder: str | Path) -> tuple[Tensor, list[str], list[str]]
     return images, prompts, [f.name for f in files]
 
 
-def score_images(images: Tensor, prompts: list[str], reward_names: list[str], batch_size: int = 16) -> dict[str, Tensor]:
-    """{reward name: scores [N]} (NaN where a reward could not score an image)."""
-    from rewards import build_reward
+def score_images(
+    images: Tensor, prompts: list[str], rewards: list[str] | Mapping[str, Any], batch_size: int = 16,
+    offline: bool | None = None,
+) -> dict[str, Tensor]:
+    """{column: values [N]}: each reward's scores, then its info entries as ``reward/key``.
 
-    scores = {}
-    for name in reward_names:
-        reward = build_reward(name)
+    ``rewards`` are names or a mapping label -> entry (:func:`rewards.registry.build_reward_entry`).
+    A reward scores only the images whose prompt it applies to; values are NaN elsewhere and where
+    it could not score an image.
+    """
+    from rewards.registry import build_reward_entry
+
+    specs = {n: n for n in rewards} if not isinstance(rewards, Mapping) else dict(rewards)
+    columns: dict[str, Tensor] = {}
+    for label, spec in specs.items():
+        reward = build_reward_entry(label, spec, offline=offline)
         reward.chunk_size = batch_size
         reward.to(images.device)
+        chosen = [i for i, p in enumerate(prompts) if reward.applies_to(p)]
+        nan = torch.full((len(prompts),), float("nan"))
+        columns[label] = nan.clone()
+        if not chosen:
+            continue
         with torch.no_grad():
-            out = reward.score(images, prompts)
-        scores[name] = torch.where(out.valid, out.scores.float(), torch.full_like(out.scores.float(), float("nan")))
-    return scores
+            out = reward.score(images[chosen], [prompts[i] for i in chosen])
+        valid = out.valid.cpu()
+        columns[label][chosen] = torch.where(valid, out.scores.float().cpu(), torch.nan)
+        for key, values in out.info.items():
+            columns[f"{label}/{key}"] = nan.clone()
+            columns[f"{label}/{key}"][chosen] = torch.where(valid, values.float().cpu(), torch.nan)
+    return columns
+
+
+def prompt_category(prompt: str, tags: Mapping[str, str] | None = None) -> str:
+    """A prompt's category: its GenEval task type (from ``tags``, else GenEval's templates), ``ocr`` when it
+    quotes text to render, else ``other``."""
+    from rewards.zoo.geneval import parse_geneval_prompt
+    from rewards.zoo.ocr import quoted_text
+
+    if tags and prompt in tags:
+        return tags[prompt]
+    spec = parse_geneval_prompt(prompt)
+    if spec is not None:
+        return spec.tag
+    return "ocr" if quoted_text(prompt) is not None else "other"
 
 
 def summarize(scores: dict[str, Tensor]) -> dict[str, dict[str, float]]:
@@ -233,20 +283,68 @@ def summarize(scores: dict[str, Tensor]) -> dict[str, dict[str, float]]:
     return out
 
 
+def summarize_by_category(scores: dict[str, Tensor], categories: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """{category: summary of each column over that category's images} (columns without values there left out)."""
+    out = {}
+    for category in dict.fromkeys(categories):
+        rows = torch.tensor([c == category for c in categories])
+        parts = {name: values[rows] for name, values in scores.items() if torch.isfinite(values[rows]).any()}
+        out[category] = summarize(parts)
+    return out
+
+
+def category_means(by_category: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
+    """Each column's mean over categories of its per-category means (GenEval's overall score over its tasks)."""
+    columns = dict.fromkeys(name for summary in by_category.values() for name in summary)
+    return {name: float(np.mean([s[name]["mean"] for s in by_category.values() if name in s])) for name in columns}
+
+
+def extremes(values: Tensor, count: int) -> tuple[list[int], list[int]]:
+    """(worst ``count`` image indices, lowest first; best ``count``, highest first) among finite values;
+    at most half of them each, so that the two rows show different images (one image: both)."""
+    finite = [i for i in torch.argsort(values, stable=True).tolist() if math.isfinite(float(values[i]))]
+    count = min(count, max(1, len(finite) // 2)) if finite else 0
+    return finite[:count], finite[::-1][:count]
+
+
+def write_extremes(out_dir: Path, images: Tensor, files: list[str], scores: dict[str, Tensor], rewards: list[str],
+                   count: int) -> dict[str, dict[str, Any]]:
+    """grid_<reward>.png per reward: worst images on the top row, best on the bottom row; what they show."""
+    from align.core.images import save_grid
+
+    shown = {}
+    for name in rewards:
+        worst, best = extremes(scores[name], count)
+        if not worst:
+            continue
+        path = out_dir / f"grid_{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.png"
+        save_grid(images[worst + best], path, ncols=len(worst))
+        shown[name] = {
+            "grid": path.name,
+            "worst": [{"file_name": files[i], "score": float(scores[name][i])} for i in worst],
+            "best": [{"file_name": files[i], "score": float(scores[name][i])} for i in best],
+        }
+    return shown
+
+
 def write_table(
-    out_dir: Path, files: list[str], prompts: list[str], scores: dict[str, Tensor], scored: dict[str, Any] | None = None
+    out_dir: Path, files: list[str], prompts: list[str], scores: dict[str, Tensor], scored: dict[str, Any] | None = None,
+    categories: list[str] | None = None,
 ) -> dict[str, Any]:
-    """scores.csv (one row per image) and scores.json (what was scored, per-reward summary, rows)."""
+    """scores.csv (one row per image) and scores.json (what was scored, summaries overall and per category, rows)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(scores)
+    categories = categories or [prompt_category(p) for p in prompts]
     rows = []
     for i, (f, p) in enumerate(zip(files, prompts)):
-        rows.append({"file_name": f, "prompt": p, **{n: float(scores[n][i]) for n in names}})
+        rows.append({"file_name": f, "prompt": p, "category": categories[i], **{n: float(scores[n][i]) for n in names}})
     with open(out_dir / "scores.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["file_name", "prompt", *names])
+        writer = csv.DictWriter(fh, fieldnames=["file_name", "prompt", "category", *names])
         writer.writeheader()
         writer.writerows(rows)
-    table = {"scored": scored or {}, "summary": summarize(scores), "images": rows}
+    by_category = summarize_by_category(scores, categories)
+    table = {"scored": scored or {}, "summary": summarize(scores), "by_category": by_category,
+             "category_mean": category_means(by_category), "images": rows}
     (out_dir / "scores.json").write_text(json.dumps(table, indent=2))
     return table
 
@@ -256,6 +354,7 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     from align.core.images import save_grid
 
     out = Path(config.output_dir)
+    tags: dict[str, str] = {}
     if config.images is not None:
         images, prompts, files = read_image_folder(config.images)
         record = Path(config.images) / SAMPLING_RECORD
@@ -265,14 +364,24 @@ def evaluate(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
             scored.update(model=produced.get("model"), lora=produced.get("lora"), sampling=produced)
     else:
         sample_dir = out / "images"
-        sample_cfg = SampleConfig(**{k: getattr(config, k) for k in SampleConfig.__dataclass_fields__ if k != "output_dir"},
-                                  output_dir=str(sample_dir))
+        fields = {k: getattr(config, k) for k in SampleConfig.__dataclass_fields__ if k != "output_dir"}
+        if isinstance(config.prompts, str) and config.prompts.endswith(".jsonl"):
+            # GenEval's metadata: its prompts, and their task types for the report
+            from rewards.zoo.geneval import read_geneval_metadata
+
+            specs = read_geneval_metadata(config.prompts)
+            tags = {spec.prompt: spec.tag for spec in specs}
+            fields["prompts"] = list(dict.fromkeys(spec.prompt for spec in specs))
+        sample_cfg = SampleConfig(**fields, output_dir=str(sample_dir))
         _, records, images = sample_to_folder(sample_cfg, progress=progress)
         prompts = [r["prompt"] for r in records]
         files = [f"images/{r['file_name']}" for r in records]
         scored = {"images": str(sample_dir), "model": config.model, "lora": config.lora,
                   "sampling": json.loads((sample_dir / SAMPLING_RECORD).read_text())}
-    scores = score_images(images, prompts, list(config.rewards), config.reward_batch_size)
-    table = write_table(out, files, prompts, scores, scored)
+    specs = config.reward_specs()
+    scores = score_images(images, prompts, specs, config.reward_batch_size, offline=config.offline)
+    table = write_table(out, files, prompts, scores, scored, [prompt_category(p, tags) for p in prompts])
+    table["extremes"] = write_extremes(out, images, files, scores, list(specs), config.extremes)
+    (out / "scores.json").write_text(json.dumps(table, indent=2))
     save_grid(images, out / "grid.png", ncols=min(8, len(files)))
     return table

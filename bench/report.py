@@ -339,6 +339,34 @@ def fk_potentials_tables(payload: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def reward_server_table(payload: dict[str, Any]) -> str:
+    """Throughput, latency and accounting of the reward server under concurrent clients, batching off and on."""
+    settings = payload["settings"]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in payload["rows"]:
+        groups.setdefault((r["reward"], r["max_batch_size"]), []).append(r)
+    rows = []
+    for (reward, max_batch), runs in groups.items():
+        def median(key: str, runs: list[dict[str, Any]] = runs) -> float:
+            return statistics.median(r[key] for r in runs)
+
+        speeds = [r["images_per_second"] for r in runs]
+        batching = "off (one request per call)" if max_batch == 1 else f"up to {max_batch} images, {runs[0]['max_delay_ms']:g} ms"
+        rows.append([
+            reward, batching, f"{median('images_per_second'):.0f} ({min(speeds):.0f}-{max(speeds):.0f})",
+            f"{median('latency_p50_ms'):.0f}", f"{median('latency_p99_ms'):.0f}", f"{median('mean_batch_images'):.1f}",
+            " / ".join(str(sum(r[k] for r in runs)) for k in ("lost", "duplicated", "mismatched")),
+            f"{max(r['max_difference'] for r in runs):.1e}",
+        ])
+    header = (f"{settings['clients']} client processes x {settings['requests']} requests x {settings['images']} images "
+              f"({settings['size']}x{settings['size']}) per run, {settings.get('repeats', 1)} runs per row (alternating "
+              f"batching off and on; medians, images/s with its range), every answer checked against the in-process "
+              f"reward (tolerance {settings['tolerance']:g}; lost, duplicated and mismatched summed over the runs).")
+    return "\n".join([_machine(payload), "", header, "", _table(
+        ["reward", "batching", "images/s (range)", "p50 latency, ms", "p99 latency, ms", "images per call",
+         "lost / duplicated / mismatched", "max abs. difference"], rows)])
+
+
 def _load(name: str) -> dict[str, Any] | None:
     path = RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -364,6 +392,8 @@ def render(name: str) -> str:
         return plan_presets_table(data)
     if data["benchmark"] == "fk_potentials":
         return fk_potentials_tables(data)
+    if data["benchmark"] == "reward_server":
+        return reward_server_table(data)
     raise ValueError(f"unknown benchmark {data['benchmark']!r}")
 
 

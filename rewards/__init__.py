@@ -6,7 +6,11 @@
 >>> out = r.score(images, prompts)     # RewardOutput(scores, valid, info per component)
 
 Built-in names: see :func:`available_rewards` (and ``rewards/zoo``); third-party rewards are
-found through the ``diffusion_align.rewards`` entry-point group.
+found through the ``diffusion_align.rewards`` entry-point group.  A reward that reads structure
+from the prompt (OCR, GenEval) says which prompts it can judge with :meth:`Reward.applies_to`.
+
+Serving: ``align serve-reward NAME...`` (:mod:`rewards.server`) serves any of them over HTTP to
+many workers, which name ``{"remote": {"url": ..., "reward": NAME}}`` (:mod:`rewards.remote`).
 
 Failures: a reward whose service is down raises :class:`RewardUnavailable` (a transient fault,
 like a timeout, a connection error or a non-finite score: retried, then dropped with

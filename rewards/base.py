@@ -190,6 +190,16 @@ class Reward(nn.Module):
         """
         raise NotImplementedError
 
+    def applies_to(self, prompt: str) -> bool:
+        """Whether this reward can judge images of ``prompt`` (default: every prompt; a composite: where
+        all its components can).
+
+        Rewards that read structure from the prompt say where they cannot: the OCR reward needs quoted
+        text, the GenEval reward a prompt it can parse.  Scoring such a prompt raises; ``align eval``
+        scores each reward only on the prompts it applies to.
+        """
+        return all(reward.applies_to(prompt) for reward in _nested_rewards(self))
+
     # -- modes --------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> Reward:
         """Set the training flag of rewards (running statistics update), keep reward models in eval."""
@@ -358,6 +368,17 @@ def _owned_modules(reward: Reward):
         module = stack.pop()
         yield module
         stack.extend(child for child in module.children() if not isinstance(child, Reward))
+
+
+def _nested_rewards(reward: Reward):
+    """The rewards directly inside ``reward`` (components of a composite), not descending further."""
+    stack = list(reward.children())
+    while stack:
+        module = stack.pop()
+        if isinstance(module, Reward):
+            yield module
+        else:
+            stack.extend(module.children())
 
 
 def require_differentiable(reward: Reward, method: str) -> None:

@@ -1,7 +1,9 @@
 """Finding and safely loading reward model weights, and importing optional packages.
 
-* Files are named by a local path or by ``"<owner>/<repo>/<path in repo>"`` on the Hugging Face
-  hub.  Offline mode (``HF_HUB_OFFLINE=1`` or ``offline=True``) only reads the local cache.
+* Files are named by a local path, by ``"<owner>/<repo>/<path in repo>"`` on the Hugging Face
+  hub, or by an ``https://`` URL (weights published outside the hub; cached where
+  ``torch.hub.load_state_dict_from_url`` caches them).  Offline mode (``HF_HUB_OFFLINE=1`` or
+  ``offline=True``) only reads the local caches.
 * Weights load through safetensors, or ``torch.load(weights_only=True)``, which only rebuilds
   tensors and plain containers.  Anything else in a pickle (arbitrary objects, code) is refused
   unless the caller passes ``allow_pickle=True`` for a source they trust.
@@ -26,10 +28,12 @@ _LOCAL_PREFIXES = (".", "/", "~")
 
 
 def resolve_file(spec: str | Path, *, offline: bool | None = None, revision: str | None = None) -> Path:
-    """Local path of ``spec``: an existing file, or ``owner/repo/filename`` fetched from the hub (cached)."""
+    """Local path of ``spec``: an existing file, ``owner/repo/filename`` fetched from the hub, or a URL (cached)."""
     if is_file(spec):
         return user_path(spec)
     text = str(spec)
+    if text.startswith(("https://", "http://")):
+        return _download_url(text, offline)
     parts = text.split("/")
     if text.startswith(_LOCAL_PREFIXES) or len(parts) < 3 or not all(parts):
         raise AlignError(
@@ -52,6 +56,28 @@ def resolve_file(spec: str | Path, *, offline: bool | None = None, revision: str
             f"could not get {filename!r} from the hub repository {repo_id!r}: {where}. "
             "Pass a local path to the file instead, or download it first."
         ) from None
+
+
+def _download_url(url: str, offline: bool | None) -> Path:
+    """The file at ``url``, downloaded once into torch hub's ``checkpoints`` folder."""
+    import urllib.parse
+
+    import torch.hub
+
+    target = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlsplit(url).path).name
+    if target.is_file():
+        return target
+    if hub_offline(offline):
+        raise AlignError(
+            f"could not get {url!r}: offline mode is on (HF_HUB_OFFLINE=1) and it is not in the cache {str(target)!r}. "
+            "Pass a local path to the file instead, or download it first."
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(target), progress=False)
+    except Exception as exc:
+        raise AlignError(f"could not download {url!r}: {type(exc).__name__}: {exc}. Pass a local path instead.") from None
+    return target
 
 
 def load_state_dict(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Tensor]:

@@ -11,6 +11,8 @@ the same geometry in torch:
 * :func:`resize_longest_side` + :func:`pad_to_square`: HPSv2 (open_clip ``ResizeMaxSize``:
   the short side becomes ``round(short * size / long)``, zero padding split
   ``pad // 2`` before and the rest after).
+* :func:`resize` to ``size x size``, aspect ratio not kept ("stretch"): SigLIP (the aesthetic
+  predictor v2.5; Hugging Face processors whose ``size`` is ``{"height", "width"}``).
 
 Resizing uses ``interpolate(mode="bicubic", antialias=True)``, which is PIL's bicubic filter
 (a = -0.5, support widened by the downscaling factor), in PIL's order: a horizontal pass, a clamp
@@ -48,8 +50,8 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 #: documented bound of |torch - PIL| on normalised pixels (see the module docstring)
 PARITY_TOLERANCE = 0.02
 
-ResizeMode = Literal["shortest", "longest"]
-RESIZE_MODES = ("shortest", "longest")
+ResizeMode = Literal["shortest", "longest", "stretch"]
+RESIZE_MODES = ("shortest", "longest", "stretch")
 
 
 def resize(images: Tensor, height: int, width: int, *, clamp: bool = True) -> Tensor:
@@ -127,7 +129,8 @@ class ImagePreprocess:
 
     Attributes:
         size: target length of the shortest side ("shortest") or longest side ("longest").
-        resize_mode: "shortest" (then center crop) or "longest" (then pad to a square).
+        resize_mode: "shortest" (then center crop), "longest" (then pad to a square) or "stretch"
+            (both sides to ``size``, the aspect ratio not kept).
         crop_size: side of the center crop or of the padded square (None: ``size``).
         mean: per-channel normalisation mean.
         std: per-channel normalisation standard deviation.
@@ -163,17 +166,28 @@ class ImagePreprocess:
         side = self.output_size
         if self.resize_mode == "shortest":
             images = center_crop(resize_shortest_side(images, self.size), side, side)
+        elif self.resize_mode == "stretch":
+            images = resize(images, side, side)
         else:
             images = pad_to_square(resize_longest_side(images, self.size), side, self.fill)
         return normalize(images, self.mean, self.std)
 
     @classmethod
     def from_processor_config(cls, config: Mapping[str, Any]) -> ImagePreprocess:
-        """From a Hugging Face ``preprocessor_config.json`` of a CLIP-style image processor."""
+        """From a Hugging Face ``preprocessor_config.json`` of a CLIP- or SigLIP-style image processor.
+
+        ``size: {"shortest_edge": s}`` resizes the shortest side (then crops ``crop_size``);
+        ``size: {"height": h, "width": w}`` resizes to exactly h x w (square sizes only here).
+        """
         size = config.get("size", 224)
+        mode = "shortest"
+        if isinstance(size, Mapping) and "shortest_edge" not in size:
+            if size.get("height") != size.get("width"):
+                raise AlignError(f"image processor size={dict(size)!r} is not supported; accepted: a square size")
+            mode = "stretch"
         if isinstance(size, Mapping):
             size = size.get("shortest_edge") or size.get("height")
-        crop = config.get("crop_size", size) if config.get("do_center_crop", True) else size
+        crop = config.get("crop_size", size) if config.get("do_center_crop", mode == "shortest") else size
         if isinstance(crop, Mapping):
             crop = crop.get("height")
         resample = config.get("resample", 3)
@@ -181,6 +195,7 @@ class ImagePreprocess:
             raise AlignError(f"image processor resample={resample!r} is not supported; accepted: 3 (bicubic)")
         return cls(
             size=int(size),
+            resize_mode=mode,
             crop_size=int(crop),
             mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
             std=tuple(config.get("image_std", OPENAI_CLIP_STD)),

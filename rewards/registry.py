@@ -106,6 +106,36 @@ def build_reward(spec: str | Mapping[str, Any] | Reward, **kwargs: Any) -> Rewar
     raise AlignError(f"reward spec {spec!r} must be a name, a {{name: weight}} mapping, or a Reward")
 
 
+def build_reward_entry(label: str, spec: Any, *, offline: bool | None = None) -> Reward:
+    """The reward of one named entry of a configuration (``align eval``'s and ``align serve-reward``'s
+    ``rewards``): a registered name, ``{reward: name, **arguments}``, or a ``{name: weight}`` composition.
+
+    ``offline`` is passed to rewards that load weights (those whose factory takes ``offline``) unless
+    the entry sets it.
+    """
+    import inspect
+
+    if isinstance(spec, Mapping) and "reward" not in spec:
+        return build_reward(spec)
+    if isinstance(spec, str):
+        name, args = spec, {}
+    elif isinstance(spec, Mapping):
+        args = dict(spec)
+        name = args.pop("reward")
+    else:
+        raise AlignError(f"rewards.{label}={spec!r} must be a reward name, a mapping with 'reward', or a {{name: weight}} mapping")
+    if not isinstance(name, str):
+        raise AlignError(f"rewards.{label}: reward={name!r} must be a registered reward name")
+    factory = get_reward_factory(name)
+    try:
+        takes_offline = "offline" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        takes_offline = False
+    if offline is not None and takes_offline:
+        args.setdefault("offline", offline)
+    return build_reward(name, **args)
+
+
 def _component(label: str, value: Any) -> tuple[Reward, float]:
     """One ``{label: weight | {weight, normalize, reward, **arguments}}`` entry of a reward mapping."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -139,4 +169,4 @@ def _load_builtins() -> None:
     if _BUILTINS_LOADED:
         return
     _BUILTINS_LOADED = True
-    from . import compose, zoo  # noqa: F401
+    from . import compose, remote, zoo  # noqa: F401

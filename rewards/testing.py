@@ -180,3 +180,49 @@ def tiny_rewards(seed: int = 0) -> dict[str, Reward]:
         "hpsv2.1": HPSv2("v2.1", checkpoint=checkpoint, tokenizer=tokenizer, **tiny_heads),
     }
     return {name: reward.freeze() for name, reward in rewards.items()}
+
+
+#: special tokens of the Qwen chat format and of the models built on it
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def byte_tokenizer(special_tokens=QWEN_SPECIAL_TOKENS, words=()):
+    """A byte-level tokenizer without merges (one token per UTF-8 byte) plus ``special_tokens`` and whole
+    ``words`` (added tokens: "Yes" as one token, as in real vocabularies); pads with the first special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    if words:
+        tokenizer.add_tokens(list(words))
+    tokenizer.pad_token = special_tokens[0]
+    return tokenizer
+
+
+def tiny_qwen2_vl_config(tokenizer):
+    """A transformers ``Qwen2VLConfig`` at toy size whose special token ids are ``tokenizer``'s."""
+    from transformers import Qwen2VLConfig
+
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=TINY_WIDTH, intermediate_size=2 * TINY_WIDTH,
+            num_hidden_layers=TINY_LAYERS, num_attention_heads=TINY_HEADS, num_key_value_heads=2,
+            max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+        ),
+        vision_config=dict(depth=TINY_LAYERS, embed_dim=TINY_WIDTH, hidden_size=TINY_WIDTH, num_heads=TINY_HEADS,
+                           mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        **ids,
+    )

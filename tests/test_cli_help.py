@@ -15,6 +15,7 @@ CONFIG_COMMANDS = {
     "steer": "align.commands.steer:SteerConfig",
     "guide": "align.commands.guide:GuideConfig",
     "demo": "align.demo:DemoConfig",
+    "serve-reward": "rewards.server:ServeConfig",
 }
 
 

@@ -18,8 +18,10 @@ def add_parser(subparsers) -> None:
         help="score images (a folder, or a model on a prompt set) with several rewards",
         description=(
             "Score a folder of images (images=DIR; prompts from its metadata.jsonl or the file names), or sample "
-            "a model (and LoRA) on a prompt set first. Writes scores.csv, scores.json (per image and per-reward "
-            "mean/std/min/max) and grid.png to OUTPUT_DIR."
+            "a model (and LoRA) on a prompt set first (a GenEval metadata file, prompts=evaluation_metadata.jsonl, "
+            "works as is). Writes scores.csv, scores.json (per image, per reward, and per prompt category: "
+            "GenEval's task types, 'ocr' for prompts quoting text, 'other'), grid.png and grid_REWARD.png (each "
+            "reward's worst images on the top row, best on the bottom row) to OUTPUT_DIR."
         ),
         example=EXAMPLE,
     )
@@ -38,12 +40,31 @@ def run(args: argparse.Namespace) -> int:
     if config is None:
         return 0
     table = evaluate(config, progress=not args.quiet)
-    width = max(len(n) for n in table["summary"])
-    print(f"{'reward':{width}s}  {'mean':>10s}  {'std':>10s}  {'n':>5s}")
-    for name, s in table["summary"].items():
-        print(f"{name:{width}s}  {s['mean']:10.4f}  {s['std']:10.4f}  {s['count']:5d}")
-    print(f"table: {config.output_dir}/scores.csv, {config.output_dir}/scores.json; grid: {config.output_dir}/grid.png")
+    print(format_summary(table))
+    grids = ", ".join(f"{config.output_dir}/{e['grid']}" for e in table["extremes"].values())
+    print(f"table: {config.output_dir}/scores.csv, {config.output_dir}/scores.json; grid: {config.output_dir}/grid.png; "
+          f"worst (top) and best (bottom) per reward: {grids}")
     return 0
+
+
+def format_summary(table: dict) -> str:
+    """Each reward's mean, std and count; then, when prompts fall in categories, each column's mean per category
+    and their average over categories (GenEval's overall score)."""
+    width = max(len(n) for n in table["summary"])
+    lines = [f"{'reward':{width}s}  {'mean':>10s}  {'std':>10s}  {'n':>5s}"]
+    for name, s in table["summary"].items():
+        lines.append(f"{name:{width}s}  {s['mean']:10.4f}  {s['std']:10.4f}  {s['count']:5d}")
+    categories = list(table["by_category"])
+    if categories != ["other"]:
+        heads = [*categories, "mean over categories"]
+        cells = {c: max(len(c), 8) for c in heads}
+        lines += ["", "mean per prompt category:", f"{'':{width}s}  " + "  ".join(f"{c:>{cells[c]}s}" for c in heads)]
+        for name in table["summary"]:
+            row = [table["by_category"][c].get(name, {}).get("mean") for c in categories]
+            row.append(table["category_mean"].get(name))
+            lines.append(f"{name:{width}s}  " + "  ".join(
+                f"{'-':>{cells[c]}s}" if v is None else f"{v:{cells[c]}.4f}" for c, v in zip(heads, row)))
+    return "\n".join(lines)
 
 
 def list_rewards() -> str:

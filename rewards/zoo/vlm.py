@@ -1,8 +1,18 @@
 """A vision-language model as judge, behind an OpenAI-compatible chat-completions endpoint.
 
-Each image is sent as a base64 PNG data URL with a rubric (the prompt substituted for
-``{prompt}``); the answer is parsed with a regular expression (default: the last
-``Final Score: x``) and divided by ``scale_max`` (default 5, so scores lie in [0, 1]).
+Each image is sent as a base64 PNG data URL with a text (the prompt substituted for
+``{prompt}``).  Two modes:
+
+* ``mode="rubric"`` (default): the text is a rubric; the answer is parsed with a regular
+  expression (default: the last ``Final Score: x``) and divided by ``scale_max`` (default 5, so
+  scores lie in [0, 1]).
+* ``mode="yes_no"``: VQAScore through an API.  The text is a yes/no question (default VQAScore's
+  'Does this figure show "{prompt}"? Please answer Yes or No.'); the request asks for one token with
+  its ``top_logprobs``, and the score is the probability of the answer ("Yes"): the summed
+  probability of the listed first tokens equal to it up to case and surrounding spaces ("Yes",
+  " yes"), 0 when none is listed (its probability is then below the smallest listed one).  A
+  server that returns no log-probabilities cannot serve this mode: that is a configuration error,
+  not a fault to retry.  The local, differentiable VQAScore is the ``vqascore`` reward.
 
 Requests run ``concurrency`` at a time (threads), each with a ``timeout``.  Transient faults
 (connection errors, timeouts, HTTP 429 / 5xx, invalid JSON, answers without a score; the
@@ -24,6 +34,7 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -36,11 +47,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from align.core.errors import ConfigError, RewardError, RewardUnavailable, check_range
+from align.core.errors import ConfigError, RewardError, RewardUnavailable, check_choice, check_range
 
 from ..base import Reward, RewardOutput
 from ..registry import register_reward
 from .jpeg import to_uint8_images
+from .vqascore import VQASCORE_ANSWER, VQASCORE_QUESTION
 
 logger = logging.getLogger("rewards")
 
@@ -52,6 +64,7 @@ DEFAULT_RUBRIC = (
     "'Final Score: <number>'."
 )
 DEFAULT_SCORE_PATTERN = r"final\s*score\s*[:=]?\s*\**\s*([-+]?\d+(?:\.\d+)?)"
+MODES = ("rubric", "yes_no")
 
 
 def _is_loopback(url: str) -> bool:
@@ -66,16 +79,21 @@ def _is_loopback(url: str) -> bool:
 
 @register_reward("vlm_judge")
 class VLMJudge(Reward):
-    """Score images with a VLM behind an OpenAI-compatible ``/chat/completions`` endpoint.
+    """Score images with a VLM behind an OpenAI-compatible ``/chat/completions`` endpoint: a rubric's
+    score, or (mode=yes_no) the probability that it answers "Yes" (VQAScore through an API).
 
     Args:
         endpoint: base URL (``http://host:port/v1``) or the full ``.../chat/completions`` URL
             (default: the ``OPENAI_BASE_URL`` environment variable).
         model: model name sent to the server.
         api_key_env: environment variable holding the API key (sent as a Bearer token if set).
+        mode: "rubric" (a score parsed from the answer) or "yes_no" (the probability of ``answer``).
         rubric: the instruction; ``{prompt}`` is replaced by the image's prompt.
         score_pattern: regex whose first group is the score (the last match is used).
         scale_max: the rubric's maximum; scores are divided by it.
+        question: the yes/no question of ``mode="yes_no"`` (``{prompt}`` replaced).
+        answer: the answer whose probability is the score in ``mode="yes_no"``.
+        top_logprobs: alternatives per token the server is asked to list (``mode="yes_no"``).
         concurrency: requests in flight at once.
         timeout: seconds per request.
         retries: retries per request after the first attempt.
@@ -96,9 +114,13 @@ class VLMJudge(Reward):
         *,
         model: str = "default",
         api_key_env: str = "OPENAI_API_KEY",
+        mode: str = "rubric",
         rubric: str = DEFAULT_RUBRIC,
         score_pattern: str = DEFAULT_SCORE_PATTERN,
         scale_max: float = 5.0,
+        question: str = VQASCORE_QUESTION,
+        answer: str = VQASCORE_ANSWER,
+        top_logprobs: int = 20,
         concurrency: int = 4,
         timeout: float = 60.0,
         retries: int = 3,
@@ -117,7 +139,11 @@ class VLMJudge(Reward):
                 f"vlm_judge endpoint={endpoint!r} must be an http(s) URL of an OpenAI-compatible server, "
                 "e.g. 'http://127.0.0.1:8000/v1' (or set OPENAI_BASE_URL)"
             )
+        check_choice("mode", mode, MODES)
         check_range("scale_max", scale_max, 0, low_inclusive=False)
+        check_range("top_logprobs", top_logprobs, 1, 20, integer=True)
+        if mode == "yes_no" and not answer.strip():
+            raise ConfigError(f"answer={answer!r} must be a word (the answer whose probability is the score)")
         check_range("concurrency", concurrency, 1, integer=True)
         check_range("timeout", timeout, 0, low_inclusive=False)
         check_range("retries", retries, 0, integer=True)
@@ -132,8 +158,12 @@ class VLMJudge(Reward):
         self.url = endpoint if endpoint.rstrip("/").endswith("/chat/completions") else endpoint.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key_env = api_key_env
-        self.rubric = rubric
-        self.scale_max = float(scale_max)
+        self.mode = mode
+        # the text sent with each image; yes/no probabilities already lie in [0, 1]
+        self.rubric = question if mode == "yes_no" else rubric
+        self.scale_max = 1.0 if mode == "yes_no" else float(scale_max)
+        self.answer = answer.strip().lower()
+        self.top_logprobs = top_logprobs
         self.concurrency = concurrency
         self.request_timeout = float(timeout)
         self.request_retries = retries
@@ -150,7 +180,8 @@ class VLMJudge(Reward):
     # -- caching ------------------------------------------------------------------------------
     def _key(self, png: bytes, prompt: str) -> str:
         h = hashlib.sha256(hashlib.sha256(png).digest())
-        for part in (prompt, self.rubric, self.model):
+        extra = ("yes_no", self.answer) if self.mode == "yes_no" else ()  # rubric keys as before this mode existed
+        for part in (prompt, self.rubric, self.model, *extra):
             h.update(b"\0" + part.encode())
         return h.hexdigest()
 
@@ -177,7 +208,8 @@ class VLMJudge(Reward):
             tmp.replace(self.cache_dir / f"{key}.json")
 
     # -- one request ----------------------------------------------------------------------------
-    def _request(self, png: bytes, prompt: str) -> str:
+    def _request(self, png: bytes, prompt: str) -> dict:
+        """The first choice of the server's answer (``choices[0]``)."""
         data_url = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
         body = {
             "model": self.model,
@@ -193,6 +225,8 @@ class VLMJudge(Reward):
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
         }
+        if self.mode == "yes_no":  # one token and its alternatives' log-probabilities
+            body.update(max_tokens=1, logprobs=True, top_logprobs=self.top_logprobs)
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(self.api_key_env, "")
         if key:
@@ -214,16 +248,21 @@ class VLMJudge(Reward):
         except ValueError:
             raise RewardUnavailable(f"invalid JSON in the response: {raw[:200]!r}") from None
         try:
-            content = payload["choices"][0]["message"]["content"]
+            choice = payload["choices"][0]
+            content = choice["message"]["content"]
         except (KeyError, IndexError, TypeError):
             raise RewardUnavailable(
                 f"malformed response without choices[0].message.content: {str(payload)[:200]}"
             ) from None
         if isinstance(content, list):  # content parts
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-        return str(content)
+            choice["message"]["content"] = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        return choice
 
-    def _parse(self, answer: str) -> float:
+    def _parse(self, choice: dict) -> tuple[float, str]:
+        """(raw score, what to keep in the cache) from one choice of the server's answer."""
+        if self.mode == "yes_no":
+            return self._answer_probability(choice)
+        answer = str(choice["message"]["content"])
         matches = self.score_regex.findall(answer)
         if not matches:
             raise RewardUnavailable(f"malformed answer, no score matching {self.score_regex.pattern!r}: {answer[:200]!r}")
@@ -231,7 +270,22 @@ class VLMJudge(Reward):
         value = float(last[0] if isinstance(last, tuple) else last)
         if not 0.0 <= value <= self.scale_max:
             raise RewardUnavailable(f"score {value} outside [0, {self.scale_max:g}] in answer {answer[:200]!r}")
-        return value
+        return value, answer
+
+    def _answer_probability(self, choice: dict) -> tuple[float, str]:
+        """Probability of the answer as the first token (see the module docstring) and the listed tokens."""
+        try:
+            first = choice["logprobs"]["content"][0]
+            listed = [*first.get("top_logprobs", []), {"token": first["token"], "logprob": first["logprob"]}]
+            by_token = {str(t["token"]): float(t["logprob"]) for t in listed}
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise RewardError(
+                f"endpoint {self.url} (model {self.model!r}) returned no token log-probabilities "
+                f"(choices[0].logprobs.content[0].top_logprobs): {str(choice.get('logprobs'))[:200]}; mode='yes_no' "
+                "needs a server that honours logprobs/top_logprobs (OpenAI, vLLM, SGLang)"
+            ) from None
+        probability = sum(math.exp(lp) for token, lp in by_token.items() if token.strip().lower() == self.answer)
+        return min(probability, 1.0), json.dumps(by_token)
 
     def _judge(self, png: bytes, prompt: str) -> float:
         """Raw score of one image (cached), retrying transient faults; RewardUnavailable when it gives up."""
@@ -242,8 +296,7 @@ class VLMJudge(Reward):
         attempts = self.request_retries + 1
         for attempt in range(attempts):
             try:
-                answer = self._request(png, prompt)
-                value = self._parse(answer)
+                value, answer = self._parse(self._request(png, prompt))
             except Exception as exc:
                 if not self.is_transient(exc):
                     raise  # a 4xx RewardError, or a bug: the base class tells which
