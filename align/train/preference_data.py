@@ -55,8 +55,6 @@ from align.core.errors import AlignError, check_choice, check_range
 
 #: what to do with a bad row: raise an error naming it, or skip it and count it
 ON_BAD_ROW: tuple[str, ...] = ("error", "skip")
-#: labels that mean "no preference" (Pick-a-Pic writes 0.5)
-TIE_LABELS: tuple[object, ...] = (0.5, "tie")
 #: how the model's own samples are paired within a prompt's group
 PAIRINGS: tuple[str, ...] = ("best_worst", "halves", "all")
 #: how many bad-row messages :class:`PreferenceCounts` keeps as examples
@@ -79,7 +77,8 @@ class PreferenceColumns:
 
 
 class BadPreferenceRow(AlignError):
-    """One row of a preference data set cannot be used; ``row`` names it, ``reason`` is its kind."""
+    """One row of a preference data set cannot be used; ``where`` names it, ``reason`` is its kind
+    ("label", "image", "caption", "column" or "json")."""
 
     def __init__(self, where: str, reason: str, message: str):
         super().__init__(f"{where}: {message}")
@@ -112,7 +111,10 @@ class PreferenceCounts:
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """A caption and its preferred (winner) and rejected (loser) images (PIL, RGB); ``row`` is its source row."""
+    """A caption and its preferred (winner) and rejected (loser) images (PIL, RGB).
+
+    ``row`` is where it came from: the line number in a JSONL file, the 0-based index in a ``datasets`` set.
+    """
 
     caption: str
     winner: Any
