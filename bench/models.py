@@ -11,6 +11,8 @@ random weights cost what trained ones cost.
   planner's presets (align/train/presets), for GPU rows.  The tokenizer is a small word-level CLIP
   tokenizer (the real vocabulary file cannot be downloaded here); it pads to 77 tokens, so the
   text encoders and the UNet see the shapes they see with the real tokenizer.
+* ``tiny-sd`` / ``tiny-sdxl``: the test suite's tiny pipelines (:func:`align.builtin.testing.tiny_pipeline`),
+  for smoke runs of the GPU scripts on the CPU (``bench/gpu/run.sh --smoke``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-MODELS = ("cpu-sd", "sd15", "sdxl")
+MODELS = ("cpu-sd", "sd15", "sdxl", "tiny-sd", "tiny-sdxl")
 
 
 def _text_encoder(cls_name: str, config: dict, vocab: int):
@@ -110,6 +112,10 @@ def bench_pipeline(name: str, seed: int = 0, device: str = "cpu"):
         pipe = _cpu_sd(seed).to(device)
     elif name in ("sd15", "sdxl"):
         pipe = _from_preset(name, seed, device)
+    elif name in ("tiny-sd", "tiny-sdxl"):
+        from align.builtin.testing import tiny_pipeline
+
+        pipe = tiny_pipeline(name.removeprefix("tiny-"), seed=seed).to(device)
     else:
         raise ValueError(f"model={name!r}; accepted: {', '.join(MODELS)}")
     pipe.set_progress_bar_config(disable=True)

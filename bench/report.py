@@ -3,7 +3,8 @@
 ``python bench/report.py --update BENCHMARKS.md`` rewrites every block between
 ``<!-- BEGIN GENERATED name -->`` and ``<!-- END GENERATED name -->`` from
 ``bench/results/name.json`` (blocks whose file is missing say so), so the published figures are
-always the measured ones.  ``python bench/report.py bench/results/x.json`` prints one file's tables.
+always the measured ones.  ``python bench/report.py bench/results/x.json`` prints one file's tables
+(any folder: ``python bench/report.py $OUT/gpu_check.json`` previews the GPU check's).
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def _peak(row: dict[str, Any] | None) -> float | None:
 
 def _peak_cell(row: dict[str, Any] | None) -> str:
     if row is not None and "skipped" in row:
+        if row.get("skip_kind", "memory") != "memory":
+            return "not run (time budget)"
         return f"skipped (plan: {row['predicted_total_mb'] / 1024:,.0f} GB)"
     if row is not None and "error" in row:
         return "failed"
@@ -227,12 +230,7 @@ def trl_status(trl: dict[str, Any] | None) -> str:
 
 def steering_tables(payload: dict[str, Any]) -> str:
     out = [_machine(payload), ""]
-    fk = [r for r in payload["rows"] if r["kind"] == "fk" and "error" not in r]
-    if fk:
-        rows = [[str(r["particles"]), str(r["num_steps"]), str(r["fk_config"]["resample_steps"]), _s(r["fk_net_s"]),
-                 _s(r["plain_net_s"]), f"{r['ratio']:.3f}x {'pass' if r['ratio'] <= STEERING_TARGET else 'FAIL'}"] for r in fk]
-        out += ["**FK steering over plain batched sampling of the same particles, equal steps, decode + reward time excluded**",
-                "", _table(["particles", "steps", "potential steps", "FK, s", "plain, s", f"ratio (target <= {STEERING_TARGET}x)"], rows), ""]
+    out += _fk_table(payload["rows"])
     rlg = [r for r in payload["rows"] if r["kind"] == "rlg" and "error" not in r]
     if rlg:
         rows = [[str(r["samples"]), f"{r['median_s']['one_forward'] * 1e3:.0f}", f"{r['median_s']['rlg_batched'] * 1e3:.0f}",
@@ -253,6 +251,17 @@ def steering_tables(payload: dict[str, Any]) -> str:
     if failed:
         out.append(f"{len(failed)} rows failed: " + "; ".join(f"{r['kind']}: {r['error']}" for r in failed))
     return "\n".join(out)
+
+
+def _fk_table(rows: list[dict[str, Any]]) -> list[str]:
+    """FK steering over plain sampling, one line per measured FK row (none: no lines)."""
+    fk = [r for r in rows if r["kind"] == "fk" and "ratio" in r]
+    if not fk:
+        return []
+    lines = [[str(r["particles"]), str(r["num_steps"]), str(r["fk_config"]["resample_steps"]), _s(r["fk_net_s"]),
+              _s(r["plain_net_s"]), f"{r['ratio']:.3f}x {'pass' if r['ratio'] <= STEERING_TARGET else 'FAIL'}"] for r in fk]
+    return ["**FK steering over plain batched sampling of the same particles, equal steps, decode + reward time excluded**",
+            "", _table(["particles", "steps", "potential steps", "FK, s", "plain, s", f"ratio (target <= {STEERING_TARGET}x)"], lines), ""]
 
 
 def tensor_peaks_table(payload: dict[str, Any]) -> str:
@@ -367,19 +376,105 @@ def reward_server_table(payload: dict[str, Any]) -> str:
          "lost / duplicated / mismatched", "max abs. difference"], rows)])
 
 
-def _load(name: str) -> dict[str, Any] | None:
-    path = RESULTS / f"{name}.json"
+def _gpu_draft_tables(rows: list[dict[str, Any]], on_gpu: bool) -> list[str]:
+    """DRaFT-K rows of the GPU check: measured peak and time beside the planner, then the targets."""
+    draft = [r for r in rows if r["kind"] == "draft"]
+    if not draft:
+        return []
+    lines = []
+    for r in draft:
+        planned = f"{_mb(r['predicted_peak_mb'])} ({_err(r)})" if "predicted_peak_mb" in r else "-"
+        total = _mb(r.get("predicted_total_mb"))
+        lines.append([f"{r['model']} {r['resolution']} px", str(r["num_steps"]), str(r["truncation_steps"]),
+                      "on" if r["gradient_checkpointing"] else "off", str(r["batch_size"]), _peak_cell(r), planned, total,
+                      _s(_time(r))])
+    precision = {r["mixed_precision"] for r in draft}.pop() if len({r["mixed_precision"] for r in draft}) == 1 else "mixed"
+    out = [f"**DRaFT-K LoRA (rank 4) optimiser step, {precision}, CFG 7.5: peak memory above the weights and AdamW state, "
+           "and time per step (median)**", "",
+           _table(["model", "T", "K", "checkpointing", "batch", "peak, MB", "planner, MB (error)", "planner total, MB",
+                   "step, s"], lines), ""]
+    targets = []
+    for model in dict.fromkeys(r["model"] for r in draft):
+        ckpt = {r["truncation_steps"]: r for r in draft if r["model"] == model and r["gradient_checkpointing"]
+                and r["batch_size"] == 1 and r["truncation_steps"] in (1, r["num_steps"])}
+        low, high = ckpt.get(1), ckpt.get(max(ckpt, default=1))
+        if low is not high and _peak(low) and _peak(high):
+            ratio = _peak(high) / _peak(low)
+            targets.append([f"{model}: peak at K = T = {high['truncation_steps']} over K = 1, checkpointed",
+                            f"<= {MEMORY_RATIO_TARGET}x", f"{ratio:.2f}x", "pass" if ratio <= MEMORY_RATIO_TARGET else "FAIL"])
+    measured = [r for r in draft if _peak(r) and "predicted_peak_mb" in r]
+    if measured:
+        errors = [abs(r["predicted_peak_mb"] - r["peak_mb"]) / r["peak_mb"] for r in measured]
+        targets.append([f"planner error on the step peak ({len(errors)} rows)", f"<= {PLAN_ERROR_TARGET:.0%}",
+                        f"worst {max(errors):.1%}, median {statistics.median(errors):.1%}",
+                        "pass" if max(errors) <= PLAN_ERROR_TARGET else "FAIL"])
+        if on_gpu:  # on CUDA the resident memory is the weights and optimizer state: totals compare too
+            totals = [abs(r["predicted_total_mb"] - r["resident_mb"] - r["peak_mb"]) / (r["resident_mb"] + r["peak_mb"])
+                      for r in measured]
+            targets.append([f"planner error on the total peak ({len(totals)} rows)", f"<= {PLAN_ERROR_TARGET:.0%}",
+                            f"worst {max(totals):.1%}, median {statistics.median(totals):.1%}",
+                            "pass" if max(totals) <= PLAN_ERROR_TARGET else "FAIL"])
+    if targets:
+        out += ["**Targets**", "", _table(["target", "goal", "measured", "result"], targets), ""]
+    return out
+
+
+def _gpu_precision_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The half-precision checks: finite training and sampling, the VAE decoder's compute dtype."""
+    checks = [r for r in rows if r["kind"] == "precision"]
+    if not checks:
+        return []
+    lines = []
+    for r in checks:
+        short = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}
+        if "checks" not in r:
+            lines.append([f"{r['model']} {r['resolution']} px", r["mixed_precision"], "yes" if r["upcast_vae"] else "no",
+                          "-", "-", "-", "-", "-", _peak_cell(r) if "skipped" in r else f"failed: {r.get('error', '')}"])
+            continue
+        seen = "/".join(",".join(short.get(d, d) for d in r[k]) for k in ("training_conv_dtypes", "sampling_conv_dtypes"))
+        failed = [name for name, ok in r["checks"].items() if not ok]
+        lines.append([
+            f"{r['model']} {r['resolution']} px", r["mixed_precision"], "yes" if r["upcast_vae"] else "no",
+            "yes" if r["vae_force_upcast"] else "no", f"{short[r['expected_decode_dtype']]} / {seen}",
+            ", ".join(f"{s['loss']:.4f}" for s in r["steps"]), ", ".join(f"{s['grad_norm']:.3g}" for s in r["steps"]),
+            f"{r['image_range'][0]:.3f}..{r['image_range'][1]:.3f}", "pass" if r["passed"] else "FAIL: " + ", ".join(failed),
+        ])
+    return ["**Half precision: DRaFT LoRA steps and sampled images; the VAE decoder's convolutions (hooked, forward and "
+            "checkpoint recomputation) compute in float32 exactly when the VAE is upcast**", "",
+            _table(["model", "precision", "upcast_vae", "VAE force_upcast", "decoder dtype: expected / seen (training/sampling)",
+                    "losses", "gradient norms", "pixels", "result"], lines), ""]
+
+
+def gpu_check_tables(payload: dict[str, Any]) -> str:
+    """The prepared GPU check (bench/gpu/run.py): DRaFT-K rows, precision checks, FK overhead, what did not run."""
+    rows, settings = payload["rows"], payload["settings"]
+    budget = settings.get("memory_budget_mb")
+    out = [_machine(payload), "",
+           f"Profile `{settings['profile']}`: {len(rows)} rows in {payload.get('elapsed_s', 0):.0f} s (no row starts past "
+           f"{settings['deadline_s']:.0f} s); memory budget {'none' if budget is None else f'{budget:,.0f} MB'}; "
+           f"sources digest `{settings['source_digest']}`.", ""]
+    out += _gpu_draft_tables(rows, "gpu" in payload["machine"])
+    out += _gpu_precision_table(rows)
+    out += _fk_table(rows)
+    not_run = [r for r in rows if "skipped" in r or "error" in r]
+    if not_run:
+        out.append("Not measured: " + "; ".join(f"`{r['id']}`: {r.get('skipped') or r.get('error')}" for r in not_run) + ".")
+    return "\n".join(out).rstrip()
+
+
+def _load(name: str, folder: Path = RESULTS) -> dict[str, Any] | None:
+    path = folder / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def render(name: str) -> str:
-    """The markdown of one generated block."""
-    data = _load(name)
+def render(name: str, folder: Path = RESULTS) -> str:
+    """The markdown of one generated block: ``folder/name.json`` (and its companion files there)."""
+    data = _load(name, folder)
     if data is None:
         return f"*Pending: `bench/results/{name}.json` has not been produced yet (see the command above).*"
     if data["benchmark"] == "reward_backprop":
-        trl = _load(name.replace("reward_backprop", "trl_alignprop"))
-        tensors = _load(name.replace("reward_backprop", "tensor_peaks"))
+        trl = _load(name.replace("reward_backprop", "trl_alignprop"), folder)
+        tensors = _load(name.replace("reward_backprop", "tensor_peaks"), folder)
         parts = [reward_backprop_tables(data, trl)] + ([trl_status(trl)] if trl else [])
         return "\n\n".join(parts + ["**Targets**", targets_table(data, trl, tensors)])
     if data["benchmark"] == "steering":
@@ -394,6 +489,8 @@ def render(name: str) -> str:
         return fk_potentials_tables(data)
     if data["benchmark"] == "reward_server":
         return reward_server_table(data)
+    if data["benchmark"] == "gpu_check":
+        return gpu_check_tables(data)
     raise ValueError(f"unknown benchmark {data['benchmark']!r}")
 
 
@@ -416,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.update:
         return update(args.update)
     for name in args.names:
-        print(render(Path(name).stem))
+        path = Path(name)
+        print(render(path.stem, path.parent if path.suffix == ".json" else RESULTS))
     return 0
 
 

@@ -64,7 +64,9 @@ VARIANTS = ("ours", "naive", "lower_bound")
 # ---------------------------------------------------------------------------------------------
 # worker side
 # ---------------------------------------------------------------------------------------------
-def _trainer(job: dict[str, Any], model, workdir: str, checkpointing: bool):
+def build_trainer(job: dict[str, Any], model, workdir: str, checkpointing: bool):
+    """The trainer of a bench row: DRaFT-K with the row's T, K, batch, training, precision and resolution
+    (``upcast_vae`` optional, default off), brightness reward, set up and ready for ``train_step``."""
     from align.core.config import from_dict
     from align.train.trainer import TrainConfig, Trainer
 
@@ -89,6 +91,7 @@ def _trainer(job: dict[str, Any], model, workdir: str, checkpointing: bool):
             "max_steps": 1_000_000,
             "height": job.get("resolution"),
             "width": job.get("resolution"),
+            "upcast_vae": job.get("upcast_vae", False),
         },
     )
     trainer = Trainer(cfg, model=model, progress=False)
@@ -185,7 +188,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     model = DiffusionModel(pipe)
     checkpointing = job["variant"] == "ours" and job["gradient_checkpointing"]
     with tempfile.TemporaryDirectory() as workdir:
-        trainer = _trainer(job, model, workdir, checkpointing)
+        trainer = build_trainer(job, model, workdir, checkpointing)
         result: dict[str, Any] = {"resident_model_mb": _resident_mb(device) - resident_start}
         if job["variant"] == "ours" and job.get("with_lower_bound"):
             # alternate the two so that both see the same machine load
@@ -253,15 +256,15 @@ def _jobs(args) -> list[dict[str, Any]]:
     return jobs
 
 
-class _Predictor:
-    """Planner predictions for the bench rows, one traced planner per (training, checkpointing)."""
+class Predictor:
+    """Planner predictions for the bench rows of ``model``, one traced planner per (training, checkpointing)."""
 
-    def __init__(self, args):
+    def __init__(self, model: str):
         from align.train.plan import ModelSpec
         from bench.models import bench_pipeline
 
-        self.args = args
-        self.spec = ModelSpec.from_pipeline(bench_pipeline(args.model, device="meta" if args.model != "cpu-sd" else "cpu"))
+        self.model = model
+        self.spec = ModelSpec.from_pipeline(bench_pipeline(model, device="meta" if model != "cpu-sd" else "cpu"))
         self.planners: dict[tuple[str, bool], Any] = {}
 
     def __call__(self, job: dict[str, Any]) -> dict[str, float]:
@@ -271,7 +274,7 @@ class _Predictor:
         key = (job["training"], ckpt)
         if key not in self.planners:
             config = PlanConfig(
-                model=self.args.model, method="draft", num_steps=50, truncation_steps=1, batch_size=job["batch_size"],
+                model=self.model, method="draft", num_steps=50, truncation_steps=1, batch_size=job["batch_size"],
                 resolution=job["resolution"], guidance=True, lora=job["training"] == "lora", lora_rank=LORA_RANK,
                 gradient_checkpointing=ckpt, mixed_precision=job["mixed_precision"],
                 device="cuda" if job["device"].startswith("cuda") else "cpu",
@@ -313,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         return _repredict(args.out)
 
     jobs = _jobs(args)[: args.only]
-    predict = _Predictor(args)
+    predict = Predictor(args.model)
     payload = new_payload("reward_backprop", __file__, argv, args.device, args.threads)
     done: set = set()
     if args.resume:
@@ -351,10 +354,10 @@ def _repredict(path: str) -> int:
     import json
 
     payload = json.loads(Path(path).read_text())
-    predictors: dict[str, _Predictor] = {}
+    predictors: dict[str, Predictor] = {}
     for row in payload["rows"]:
         if row["model"] not in predictors:
-            predictors[row["model"]] = _Predictor(argparse.Namespace(model=row["model"]))
+            predictors[row["model"]] = Predictor(row["model"])
         row.update(predictors[row["model"]](row))
     write_results(path, payload)
     print(f"updated the predictions of {len(payload['rows'])} rows in {path}")
