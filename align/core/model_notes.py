@@ -12,8 +12,9 @@ reported; ``model_recommendations=false`` turns them off.  The file::
 
 ``method.`` stands for the section of the method a training config selects (``draft.``, ...); a
 ``method.`` key that the selected method has no field for (``method.group_size`` for draft) is
-skipped.  A key naming a method's own section (``grpo.learning_rate``) applies only when that method
-is selected, and wins over the ``method.`` key of the same field: recommendations per method.
+skipped.  Recommendations per method: a block ``"train.grpo": {...}`` applies only when that method
+is selected, over the ``"train"`` block (it may set any field: ``"batch_size": 8``); a key naming a
+method's own section (``grpo.learning_rate``) applies only when that method is selected too.
 """
 
 from __future__ import annotations
@@ -100,7 +101,11 @@ def apply_recommended(config: Any, notes: ModelNotes | None, command: str) -> tu
         return config, []
     data = to_dict(config)
     applied = []
-    for key, (dotted, value) in _resolve_method_keys(config, notes.recommended.get(command, {})).items():
+    wanted = dict(notes.recommended.get(command, {}))
+    method = getattr(config, "method", None)
+    if method is not None:
+        wanted.update(notes.recommended.get(f"{command}.{method}", {}))
+    for key, (dotted, value) in _resolve_method_keys(config, wanted).items():
         try:
             explicit = is_explicit(config, dotted)
         except (AttributeError, StopIteration):

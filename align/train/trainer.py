@@ -117,7 +117,8 @@ class TrainConfig:
         report_to: extra trackers through accelerate (tensorboard, wandb) when installed.
         max_nonfinite_steps: stop (with a checkpoint) after this many consecutive steps with a non-finite loss or gradient.
         model_recommendations: apply the settings the model recommends for training (its diffusion_align.json;
-            the built-in model's lr 3e-3, 20 steps, CFG 4) to the fields you did not set; each is printed at start.
+            the built-in model's lr 3e-3, 20 steps, CFG 4; for ddpo / grpo lr 1e-2, 8 CFG-free rollout steps, 16
+            samples per rollout in one optimiser step of 8 x 2) to the fields you did not set; each is printed at start.
         max_dropped_fraction: with a reward in on_invalid='drop' mode, the largest fraction of a micro-batch's samples
             its transient faults (timeouts, unavailable service, non-finite scores) may drop; a micro-batch that
             loses more skips its step and stops the run with a checkpoint. In [0, 1] (1: never stop for drops).
@@ -600,7 +601,7 @@ class Trainer:
             return generate(
                 self.model, prompts, seeds, guidance_scale=self.guidance_scale, height=self.height, width=self.width,
                 negative_prompt=self.config.negative_prompt or None, max_sequence_length=self.config.max_sequence_length,
-                **self.method.evaluation_sampling(),
+                **self.method.evaluation_sampling(self.model.is_flow),
             )
 
     def _sample_grid(self, tag: str) -> dict[str, float]:

@@ -74,8 +74,9 @@ class MethodConfig:
     #: whether the method backpropagates the reward into the model (then the reward must be differentiable)
     needs_reward_gradient: ClassVar[bool] = True
 
-    def evaluation_sampling(self) -> dict[str, Any]:
-        """How the trainer samples its fixed-seed grids and the monitor: ``generate`` keyword arguments."""
+    def evaluation_sampling(self, flow: bool = False) -> dict[str, Any]:
+        """How the trainer samples its fixed-seed grids and the monitor (``generate`` keyword arguments) on a
+        flow-matching model (``flow``) or a UNet model."""
         return {"num_steps": self.num_steps, "sampler": self.sampler, "eta": self.eta}
 
 

@@ -40,8 +40,8 @@ class PolicyGradientConfig(MethodConfig):
         noise_level: a, the noise scale of the flow reverse SDE on flow-matching models: g = a sqrt(t / (1 - t))
             (Flow-GRPO) or g = a (sde_noise=constant, DanceGRPO's eta). Must be > 0. UNet models use eta (DDIM).
         sde_noise: "flow_grpo" (g = a sqrt(t / (1 - t))) or "constant" (g = a).
-        eval_num_steps: sampling steps of the evaluation grids and the monitor, with the deterministic sampler
-            (DDIM eta 0 or the flow ODE); None: num_steps. Fewer steps while training than at evaluation is
+        eval_num_steps: sampling steps of the evaluation grids and the monitor (flow models: the ODE; UNet models: DDIM
+            with eta, as in the rollouts); None: num_steps. Fewer steps while training than at evaluation is
             Flow-GRPO's "denoising reduction".
         ratio_norm: GRPO-Guard's ratio normalisation: the log-ratio becomes (log-ratio + b) * std, centred and free
             of the 1/std scale that makes low-noise steps dominate, and each step's loss is divided by its |dt|
@@ -100,9 +100,12 @@ class PolicyGradientConfig(MethodConfig):
         """Which candidates are stochastic in each rollout (DDPO: all of them)."""
         return AllSteps()
 
-    def evaluation_sampling(self) -> dict[str, Any]:
-        """Deterministic sampling (DDIM eta 0, flow ODE; DDPM keeps its posterior) with eval_num_steps."""
-        eta = None if self.sampler == "ddpm" else 0.0
+    def evaluation_sampling(self, flow: bool = False) -> dict[str, Any]:
+        """eval_num_steps of the policy's own sampler family: the flow ODE on flow models (the SDE's marginals are
+        the ODE's, Flow-GRPO evaluates so), DDIM with the method's eta (or DDPM) on UNet models: a few discrete
+        DDIM steps at eta 1 and at eta 0 sample different distributions, and what a policy learns under one need
+        not carry over to the other (the tests measure it)."""
+        eta = 0.0 if flow else (None if self.sampler == "ddpm" else self.eta)
         return {"num_steps": self.eval_num_steps or self.num_steps, "sampler": self.sampler, "eta": eta}
 
     def trained_steps(self, stochastic_steps: int) -> int:
