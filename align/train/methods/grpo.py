@@ -126,7 +126,7 @@ class GRPOConfig(PolicyGradientConfig):
     def samples_per_prompt(self) -> int:
         return self.group_size
 
-    def candidate_steps(self) -> tuple[int, ...]:
+    def candidate_steps(self, flow: bool = False) -> tuple[int, ...]:
         """Every step but the last, whose Gaussian is too sharp to train (it stays deterministic)."""
         return tuple(range(self.num_steps - 1))
 

@@ -92,9 +92,11 @@ class PolicyGradientConfig(MethodConfig):
         """Samples that share a prompt within a rollout (1: every sample draws its own prompt)."""
         return 1
 
-    def candidate_steps(self) -> tuple[int, ...]:
-        """The steps that may be stochastic (those whose sampler step adds noise are kept)."""
-        return tuple(range(self.num_steps))
+    def candidate_steps(self, flow: bool = False) -> tuple[int, ...]:
+        """The steps that may be stochastic (of these, those whose sampler step adds noise): DDPO's every step on UNet
+        models; on flow models every step but the last, whose SDE step would leave noise in the image (the ODE's last
+        step lands on the prediction)."""
+        return tuple(range(self.num_steps - 1 if flow else self.num_steps))
 
     def stochastic_step_policy(self) -> StochasticStepPolicy:
         """Which candidates are stochastic in each rollout (DDPO: all of them)."""

@@ -129,7 +129,7 @@ class PolicyGradientObjective(Objective):
                 f"{m.name}.sde_steps={getattr(m, 'sde_steps', 'all')!r} needs deterministic steps outside the window, "
                 "which sampler='ddpm' has not; accepted with ddpm: sde_steps=all (or sampler=ddim)"
             )
-        self.candidates = tuple(i for i in m.candidate_steps() if stochastic.noise_stds[i] > 0)
+        self.candidates = tuple(i for i in m.candidate_steps(model.is_flow) if stochastic.noise_stds[i] > 0)
         if not self.candidates:
             raise AlignError(f"{m.name}: no sampling step of this schedule adds noise, so there is nothing to train")
         # validates window sizes against the steps that can be stochastic; K is the same for every rollout
@@ -252,7 +252,11 @@ class PolicyGradientObjective(Objective):
         waited = time.perf_counter() - sampled
         scores = torch.cat([o.scores.detach().double().cpu() for o in outputs])
         valid = torch.cat([o.valid.cpu() for o in outputs])
-        info = {k: torch.cat([o.info[k].double().cpu() for o in outputs]) for k in outputs[0].info}
+        info = {  # a chunk whose samples were all dropped has no info: NaN there, as the reward does within a call
+            k: torch.cat([o.info[k].double().cpu() if k in o.info else torch.full((o.scores.shape[0],), float("nan"))
+                          for o in outputs])
+            for k in dict.fromkeys(k for o in outputs for k in o.info)
+        }
 
         # every process sees every reward (in sample-id order), so advantages agree everywhere
         glob_scores, glob_valid, glob_info = self._gather(ids, scores, valid, info)
