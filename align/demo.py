@@ -69,6 +69,8 @@ class DemoConfig:
         blackbox_num_steps: sampling steps of the rollouts (fewer than num_steps: Flow-GRPO's denoising reduction).
         blackbox_guidance_scale: classifier-free guidance scale of part 4's rollouts and guidance sweep (1: none).
         blackbox_learning_rate: GRPO's AdamW learning rate.
+        blackbox_ratio_norm: GRPO-Guard's ratio normalisation (on the built-in model it learns in a few rollouts what
+            plain GRPO needs several times as many for).
     """
 
     model: str = "builtin"
@@ -103,6 +105,7 @@ class DemoConfig:
     blackbox_num_steps: int = 8
     blackbox_guidance_scale: float = 1.0
     blackbox_learning_rate: float = 1e-2
+    blackbox_ratio_norm: bool = True
 
     def __post_init__(self) -> None:
         check_range("num_steps", self.num_steps, 2, 1000, integer=True)
@@ -466,6 +469,7 @@ def _blackbox_part(model, config: DemoConfig, train_prompts, heldout, out: Path,
     grpo = GRPOConfig(
         num_steps=config.blackbox_num_steps, eval_num_steps=config.num_steps, guidance_scale=config.blackbox_guidance_scale,
         group_size=group, rollout_prompts=groups, learning_rate=config.blackbox_learning_rate, weight_decay=0.0,
+        ratio_norm=config.blackbox_ratio_norm,
     )
     train_cfg = TrainConfig(
         model=config.model, method="grpo", grpo=grpo, reward=config.blackbox_reward, prompts=list(train_prompts),
@@ -521,7 +525,8 @@ def _blackbox_part(model, config: DemoConfig, train_prompts, heldout, out: Path,
             f"No gradient of '{reward.name}' exists, so part 1's reward backpropagation cannot train toward it; a policy "
             f"gradient can. GRPO sampled {result.steps} rollouts of {groups} prompts x {group} samples with a stochastic "
             f"sampler ({sampler}, {config.blackbox_num_steps} steps), scored them, normalised each "
-            f"reward within its prompt's group and took one PPO-clipped step on a fresh LoRA per rollout, in "
+            f"reward within its prompt's group and took one PPO-clipped step on a fresh LoRA per rollout"
+            f"{' (with GRPO-Guard ratio normalisation)' if config.blackbox_ratio_norm else ''}, in "
             f"{seconds:.0f} s.{trained_text} Then RL guidance blends the base and the GRPO model with w, as part 3 does: "
             f"the compressibility experiment of RL guidance in miniature (Spearman rank correlation of reward and w "
             f"{trend['spearman']:.2f}).\n\n{_over_optimisation_text(rows, reward.name)}",

@@ -247,6 +247,37 @@ def test_same_initial_noise_shares_x_T_within_a_group(tmp_path):
     assert not torch.equal(buffer.x_next[0, 0], buffer.x_next[1, 0])  # ... different step noise
 
 
+def test_full_fine_tuning_with_ema_trains_every_denoiser_weight(tmp_path):
+    model = DiffusionModel(tiny_pipeline("sd"))
+    before = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    cfg = _config(tmp_path / "run", max_steps=2, lora={"enabled": False}, ema_decay=0.5,
+                  method_args={"learning_rate": 1e-3})
+    trainer = Trainer(cfg, model=model, progress=False)
+    trainer.train()
+    changed = sum(not torch.equal(before[n], p.detach()) for n, p in model.module.named_parameters())
+    assert len(trainer.params) == len(before) and changed > 0.9 * len(before)
+    assert (tmp_path / "run" / "unet" / "config.json").is_file()  # the (EMA) denoiser, saved whole
+
+
+def test_train_a_black_box_reward_with_grpo_then_guide_over_the_lora(tmp_path, capsys):
+    """`align train method=grpo reward=jpeg_compressibility` on the built-in model, then `align guide` sweeping w
+    over the LoRA it wrote: the end-to-end path of RL guidance's compressibility experiment."""
+    run, prompt = tmp_path / "run", "prompts=[a red circle on a blue background]"
+    code = main(["train", "-q", "method=grpo", "reward=jpeg_compressibility", f"output_dir={run}", "max_steps=2",
+                 "num_samples=1", "device=cpu", "grpo.num_steps=4", "grpo.eval_num_steps=4", "grpo.group_size=2",
+                 "grpo.rollout_prompts=2", "batch_size=2", "gradient_accumulation_steps=2", prompt])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "recommended settings" in out.out + out.err and "grpo.learning_rate=0.01" in out.out + out.err
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    code = main(["guide", "-q", "--lora", str(run / "lora"), "--weights", "0,1,2", "--reward", "jpeg_compressibility",
+                 "num_steps=4", "eta=1.0", "device=cpu", f"output_dir={tmp_path / 'guide'}", prompt])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "guide" / "results.json").read_text())
+    assert [r["weight"] for r in results["runs"]] == [0.0, 1.0, 2.0]
+    assert all(r["mean_reward"] < 0 for r in results["runs"])  # minus the JPEG size in kB
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 BAD = [
     (["method=grpo", "grpo.group_size=1"], "grpo.group_size=1 gives groups of one sample"),
@@ -345,7 +376,7 @@ SLOW_RISES = [
     # (method, reward, method args, optimiser steps): the built-in model, 8 sampling steps, 16 samples per rollout
     ("ddpo", "jpeg_compressibility",
      {"rollout_samples": 16, "tracker_buffer_size": 16, "tracker_min_count": 8, "learning_rate": 1e-2}, 60),
-    ("grpo", "jpeg_compressibility", {"group_size": 8, "rollout_prompts": 2, "learning_rate": 1e-2}, 60),
+    ("grpo", "jpeg_compressibility", {"group_size": 8, "rollout_prompts": 2, "learning_rate": 1e-2, "ratio_norm": True}, 40),
 ]
 
 
@@ -359,10 +390,10 @@ def test_policy_gradient_raises_a_black_box_reward_of_the_builtin_model(tmp_path
 
 @pytest.mark.slow
 def test_grpo_raises_a_vlm_judges_score_of_the_builtin_model(tmp_path, server):  # noqa: F811 - the imported fixture
-    """GRPO against the loopback judge (1 + 4 x the mean pixel): on the built-in model the images get brighter by
-    their shapes' size (a white circle on black grows, a black square on white shrinks). About 2 minutes."""
+    """GRPO (with GRPO-Guard's ratio normalisation) against the loopback judge (1 + 4 x the mean pixel): the built-in
+    model's images get brighter. About a minute."""
     prompts = ["a white circle on a black background", "a black square on a white background"]
     gain, spread = _rise(tmp_path, "builtin", "grpo", "vlm_judge",
-                         {"group_size": 8, "rollout_prompts": 2, "num_steps": 8, "learning_rate": 1e-2}, 80,
-                         prompts=prompts, reward_object=_judge(server))
+                         {"group_size": 8, "rollout_prompts": 2, "num_steps": 8, "learning_rate": 1e-2, "ratio_norm": True},
+                         30, prompts=prompts, reward_object=_judge(server))
     assert gain > 3 * spread
