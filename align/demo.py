@@ -99,7 +99,7 @@ class DemoConfig:
     guidance_weights: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0])
     guide_seeds: int = 4
     blackbox_reward: str | dict[str, Any] = "jpeg_compressibility"
-    blackbox_steps: int = 60
+    blackbox_steps: int = 30
     blackbox_group_size: int = 8
     blackbox_prompts_per_rollout: int = 2
     blackbox_num_steps: int = 8

@@ -268,7 +268,10 @@ def test_train_a_black_box_reward_with_grpo_then_guide_over_the_lora(tmp_path, c
                  "grpo.rollout_prompts=2", "batch_size=2", "gradient_accumulation_steps=2", prompt])
     out = capsys.readouterr()
     assert code == 0, out.err
-    assert "recommended settings" in out.out + out.err and "grpo.learning_rate=0.01" in out.out + out.err
+    import yaml
+
+    saved = yaml.safe_load((run / "config.yaml").read_text())  # the built-in model's recommendations for grpo applied
+    assert saved["grpo"]["learning_rate"] == 0.01 and saved["grpo"]["group_size"] == 2 and saved["batch_size"] == 2
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
     code = main(["guide", "-q", "--lora", str(run / "lora"), "--weights", "0,1,2", "--reward", "jpeg_compressibility",
                  "num_steps=4", "eta=1.0", "device=cpu", f"output_dir={tmp_path / 'guide'}", prompt])
