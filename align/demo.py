@@ -6,6 +6,8 @@
    compressibility) next to best-of-N at the same number of model evaluations, and animate the
    steered particles denoising.
 3. Sweep the RL-guidance weight w from 0 (base) through 1 (fine-tuned) to 2 (extrapolated).
+4. Train toward the black-box reward with GRPO (policy gradient: no reward gradient), then sweep
+   RL guidance over that LoRA: RLG's compressibility experiment in miniature.
 
 Everything lands in ``OUTPUT_DIR``: ``report/index.html`` (grids, GIF, plots) and
 ``summary.json`` with the headline figures and whether each expectation held.
@@ -58,8 +60,17 @@ class DemoConfig:
             the same whatever the reward's units.
         resample_interval: FK resampling interval in steps (resampling from 20% to 80% of the chain).
         gif_stride: record the steered particles every this many steps for the GIF.
-        guidance_weights: RL-guidance weights w to sweep.
-        guide_seeds: seeds per held-out prompt in the guidance sweep.
+        guidance_weights: RL-guidance weights w to sweep (parts 3 and 4).
+        guide_seeds: seeds per held-out prompt in the guidance sweeps.
+        blackbox_reward: the black-box reward part 4 trains toward with GRPO, then guides with.
+        blackbox_steps: GRPO optimiser steps (one rollout each).
+        blackbox_group_size: GRPO's samples per prompt.
+        blackbox_prompts_per_rollout: prompts (groups) per rollout.
+        blackbox_num_steps: sampling steps of the rollouts (fewer than num_steps: Flow-GRPO's denoising reduction).
+        blackbox_guidance_scale: classifier-free guidance scale of part 4's rollouts and guidance sweep (1: none).
+        blackbox_learning_rate: GRPO's AdamW learning rate.
+        blackbox_ratio_norm: GRPO-Guard's ratio normalisation (on the built-in model it learns in a few rollouts what
+            plain GRPO needs several times as many for).
     """
 
     model: str = "builtin"
@@ -87,6 +98,14 @@ class DemoConfig:
     gif_stride: int = 1
     guidance_weights: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0])
     guide_seeds: int = 4
+    blackbox_reward: str | dict[str, Any] = "jpeg_compressibility"
+    blackbox_steps: int = 30
+    blackbox_group_size: int = 8
+    blackbox_prompts_per_rollout: int = 2
+    blackbox_num_steps: int = 8
+    blackbox_guidance_scale: float = 1.0
+    blackbox_learning_rate: float = 1e-2
+    blackbox_ratio_norm: bool = True
 
     def __post_init__(self) -> None:
         check_range("num_steps", self.num_steps, 2, 1000, integer=True)
@@ -103,6 +122,12 @@ class DemoConfig:
         check_range("resample_interval", self.resample_interval, 1, self.num_steps, integer=True)
         check_range("gif_stride", self.gif_stride, 1, self.num_steps, integer=True)
         check_range("guide_seeds", self.guide_seeds, 1, 64, integer=True)
+        check_range("blackbox_steps", self.blackbox_steps, 1, None, integer=True)
+        check_range("blackbox_group_size", self.blackbox_group_size, 2, 1024, integer=True)
+        check_range("blackbox_prompts_per_rollout", self.blackbox_prompts_per_rollout, 1, 1024, integer=True)
+        check_range("blackbox_num_steps", self.blackbox_num_steps, 2, 1000, integer=True)
+        check_range("blackbox_guidance_scale", self.blackbox_guidance_scale, 0.0, None)
+        check_range("blackbox_learning_rate", self.blackbox_learning_rate, 0.0, 1.0, low_inclusive=False)
         if len(self.guidance_weights) < 2:
             raise ConfigError(f"guidance_weights={self.guidance_weights!r} needs at least two weights to sweep")
         check_output_dir("output_dir", self.output_dir)
@@ -111,7 +136,7 @@ class DemoConfig:
 
 
 def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[str, Any]:
-    """Run the three parts and write the report; returns the summary (also in summary.json)."""
+    """Run the four parts and write the report; returns the summary (also in summary.json)."""
     from align.core.images import make_grid, save_gif, save_png
     from align.core.lora import adapters_disabled
     from align.core.models import load_model
@@ -121,12 +146,12 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
     from align.steer.generate import generate
     from align.steer.guidance_config import BestOfNConfig
     from align.train.trainer import TrainConfig, Trainer
-    from pipelines import FKSteeringPipeline, RLGuidancePipeline
+    from pipelines import FKSteeringPipeline
     from rewards import build_reward
 
     started = time.perf_counter()
     out = Path(config.output_dir)
-    for previous in ("train", "report", "summary.json"):  # a previous demo's outputs are replaced
+    for previous in ("train", "train_blackbox", "report", "summary.json"):  # a previous demo's outputs are replaced
         path = out / previous
         if path.is_dir():
             shutil.rmtree(path)
@@ -161,7 +186,7 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
     train_cfg.draft.learning_rate = config.learning_rate
     train_cfg.draft.weight_decay = 0.0
     train_cfg.lora.rank = config.lora_rank
-    trainer = Trainer(train_cfg, model=model, progress="demo 1/3: fine-tuning (DRaFT-K + LoRA)" if progress else False)
+    trainer = Trainer(train_cfg, model=model, progress="demo 1/4: fine-tuning (DRaFT-K + LoRA)" if progress else False)
     trainer.setup()
     train_reward = trainer.reward
     eval_prompts = [p for p in heldout for _ in range(config.eval_seeds)]
@@ -242,7 +267,7 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
     common = dict(num_inference_steps=config.num_steps, guidance_scale=config.guidance_scale, eta=1.0,
                   height=h, width=w, output_type="pt")
     frames_latents: list[torch.Tensor] = []
-    bar = tqdm(total=3 * config.num_steps, desc="demo 2/3: best-of-N, FK, plain sampling", unit="step",
+    bar = tqdm(total=3 * config.num_steps, desc="demo 2/4: best-of-N, FK, plain sampling", unit="step",
                disable=not progress, dynamic_ncols=True)
 
     def advance(i: int, x0_hat: torch.Tensor) -> None:
@@ -322,56 +347,12 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
     )
 
     # ---------------------------------------------------------------- 3. RL guidance sweep
-    rlg_pipe = RLGuidancePipeline.from_pipe(model.pipe)
-    rlg_pipe.set_progress_bar_config(disable=True)
     guide_prompts = heldout[: max(1, min(len(heldout), 8))]
-    sweep_rows, sweep_images = [], []
-    bar = tqdm(total=len(config.guidance_weights) * config.num_steps, desc="demo 3/3: RL guidance sweep", unit="step",
-               disable=not progress, dynamic_ncols=True)
-    for weight in config.guidance_weights:
-        gen = torch.Generator().manual_seed(config.seed + 7)
-        res = rlg_pipe(
-            guide_prompts, weight=float(weight), num_samples=config.guide_seeds, reward=train_reward,
-            num_inference_steps=config.num_steps, guidance_scale=config.guidance_scale, height=h, width=w,
-            generator=gen, output_type="pt", step_callback=advance,
-        )
-        r = res.rewards.float()
-        row = {"w": float(weight), "mean reward": float(r.mean()), "std": float(r.std())}
-        fidelity_w = _prompt_fidelity([p for p in guide_prompts for _ in range(config.guide_seeds)], res.images)
-        if fidelity_w is not None:
-            row["prompt fidelity"] = fidelity_w
-        sweep_rows.append(row)
-        sweep_images.append(res.images[:: config.guide_seeds][: min(8, len(guide_prompts))])
-    grid = torch.cat(sweep_images)
-    save_png(make_grid(grid, ncols=sweep_images[0].shape[0]), report_dir / "guidance_sweep.png", scale=scale)
-    ws = [row["w"] for row in sweep_rows]
-    means = [row["mean reward"] for row in sweep_rows]
-    plot_lines(
-        report_dir / "reward_vs_w.png", {train_reward.name: (ws, means)},
-        bands={train_reward.name: [row["std"] / math.sqrt(len(guide_prompts) * config.guide_seeds) for row in sweep_rows]},
-        title="RL guidance: reward vs w (0 base, 1 fine-tuned, >1 extrapolated)", xlabel="w", ylabel="mean reward",
-        markers=True,
-    )
-    figures = [Figure("guidance_sweep.png", "rows: w = " + ", ".join(f"{x:g}" for x in ws)),
-               Figure("reward_vs_w.png", "mean reward vs w (band: standard error)")]
-    if "prompt fidelity" in sweep_rows[0]:
-        plot_lines(
-            report_dir / "fidelity_vs_w.png", {"prompt fidelity": (ws, [row["prompt fidelity"] for row in sweep_rows])},
-            title="RL guidance: prompt fidelity vs w", xlabel="w", ylabel="fraction of images that follow the prompt",
-            markers=True,
-        )
-        figures.append(Figure("fidelity_vs_w.png", "prompt fidelity vs w (the shapes classifier)"))
-    # "rising": the trend over the sweep (rank correlation), not every adjacent pair, since at
-    # w > 1 extrapolation can saturate or overshoot within the noise of a few samples
-    spearman = _spearman(ws, means)
-    summary["guidance"] = {
-        "reward": train_reward.name,
-        "weights": ws,
-        "mean_reward": means,
-        "spearman": spearman,
-        "monotone": bool(all(b >= a for a, b in zip(means, means[1:]))),
-        "rising_with_w": bool(spearman >= 0.8 and means[-1] > means[0]),
-    }
+    sweep = _guidance_sweep(model, guide_prompts, train_reward, config, "demo 3/4: RL guidance sweep", progress,
+                            guidance_scale=config.guidance_scale, h=h, w=w, report_dir=report_dir, scale=scale, tag="")
+    sweep_rows, ws, means, figures = sweep["rows"], sweep["weights"], sweep["means"], sweep["figures"]
+    summary["guidance"] = {"reward": train_reward.name, **_trend(ws, means)}
+    spearman = summary["guidance"]["spearman"]
     if "prompt fidelity" in sweep_rows[0]:
         summary["guidance"]["prompt_fidelity"] = [row["prompt fidelity"] for row in sweep_rows]
     sections.append(
@@ -386,12 +367,17 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
             sweep_rows,
         )
     )
-    bar.close()
+
+    # ---------------------------------------------------------------- 4. a black-box reward: trained, then guided
+    blackbox = _blackbox_part(model, config, train_prompts, heldout, out, report_dir, scale, h, w, progress, sections)
+    summary["blackbox"] = blackbox
 
     summary["checks"] = {
         "finetuned_above_base": finetune["improved"],
         "fk_at_least_best_of_n": steering["fk_at_least_best_of_n"],
         "reward_rises_with_w": summary["guidance"]["rising_with_w"],
+        "blackbox_trained_above_base": blackbox["trained_above_base"],
+        "blackbox_reward_rises_with_w": blackbox["rising_with_w"],
     }
     summary["seconds"] = round(time.perf_counter() - started, 1)
     checks = [{"expectation": k_, "holds": v} for k_, v in summary["checks"].items()]
@@ -402,6 +388,153 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _trend(ws: list[float], means: list[float]) -> dict[str, Any]:
+    """How the mean reward follows w: "rising" is the trend over the sweep (rank correlation), not every adjacent
+    pair, since at w > 1 extrapolation can saturate or overshoot within the noise of a few samples."""
+    spearman = _spearman(ws, means)
+    return {
+        "weights": ws,
+        "mean_reward": means,
+        "spearman": spearman,
+        "monotone": bool(all(b >= a for a, b in zip(means, means[1:]))),
+        "rising_with_w": bool(spearman >= 0.8 and means[-1] > means[0]),
+    }
+
+
+def _guidance_sweep(model, prompts, reward, config: DemoConfig, description: str, progress: bool, *, guidance_scale: float,
+                    h: int, w: int, report_dir: Path, scale: int, tag: str, eta: float | None = None) -> dict[str, Any]:
+    """RL guidance over ``config.guidance_weights`` with the model's current LoRA as the aligned side: rows (mean
+    reward, std, prompt fidelity per w), the grid and plots written as ``guidance_sweep{tag}.png`` etc., and figures."""
+    from align.core.images import make_grid, save_png
+    from align.report import Figure, plot_lines
+    from pipelines import RLGuidancePipeline
+
+    rlg_pipe = RLGuidancePipeline.from_pipe(model.pipe)
+    rlg_pipe.set_progress_bar_config(disable=True)
+    rows, images = [], []
+    bar = tqdm(total=len(config.guidance_weights) * config.num_steps, desc=description, unit="step",
+               disable=not progress, dynamic_ncols=True)
+    for weight in config.guidance_weights:
+        gen = torch.Generator().manual_seed(config.seed + 7)
+        res = rlg_pipe(
+            prompts, weight=float(weight), num_samples=config.guide_seeds, reward=reward,
+            num_inference_steps=config.num_steps, guidance_scale=guidance_scale, height=h, width=w, eta=eta,
+            generator=gen, output_type="pt", step_callback=lambda i, x0: bar.update(1),
+        )
+        r = res.rewards.float()
+        row = {"w": float(weight), "mean reward": float(r.mean()), "std": float(r.std())}
+        fidelity = _prompt_fidelity([p for p in prompts for _ in range(config.guide_seeds)], res.images)
+        if fidelity is not None:
+            row["prompt fidelity"] = fidelity
+        rows.append(row)
+        images.append(res.images[:: config.guide_seeds][: min(8, len(prompts))])
+    bar.close()
+    save_png(make_grid(torch.cat(images), ncols=images[0].shape[0]), report_dir / f"guidance_sweep{tag}.png", scale=scale)
+    ws = [row["w"] for row in rows]
+    means = [row["mean reward"] for row in rows]
+    plot_lines(
+        report_dir / f"reward_vs_w{tag}.png", {reward.name: (ws, means)},
+        bands={reward.name: [row["std"] / math.sqrt(len(prompts) * config.guide_seeds) for row in rows]},
+        title="RL guidance: reward vs w (0 base, 1 fine-tuned, >1 extrapolated)", xlabel="w", ylabel="mean reward",
+        markers=True,
+    )
+    figures = [Figure(f"guidance_sweep{tag}.png", "rows: w = " + ", ".join(f"{x:g}" for x in ws)),
+               Figure(f"reward_vs_w{tag}.png", "mean reward vs w (band: standard error)")]
+    if "prompt fidelity" in rows[0]:
+        plot_lines(
+            report_dir / f"fidelity_vs_w{tag}.png", {"prompt fidelity": (ws, [row["prompt fidelity"] for row in rows])},
+            title="RL guidance: prompt fidelity vs w", xlabel="w", ylabel="fraction of images that follow the prompt",
+            markers=True,
+        )
+        figures.append(Figure(f"fidelity_vs_w{tag}.png", "prompt fidelity vs w (the shapes classifier)"))
+    return {"rows": rows, "weights": ws, "means": means, "figures": figures}
+
+
+def _blackbox_part(model, config: DemoConfig, train_prompts, heldout, out: Path, report_dir: Path, scale: int, h: int,
+                   w: int, progress: bool, sections: list) -> dict[str, Any]:
+    """Part 4: GRPO toward the black-box reward on a fresh LoRA, then RL guidance over it."""
+    from align.core.lora import ADAPTER_NAME, LoRAConfig
+    from align.report import Figure, Section, moving_average, plot_lines
+    from align.train.methods import GRPOConfig
+    from align.train.trainer import TrainConfig, Trainer
+
+    if getattr(model.module, "peft_config", None):
+        model.module.delete_adapters(ADAPTER_NAME)  # part 1's LoRA is saved; GRPO trains a fresh one
+    group, groups = config.blackbox_group_size, config.blackbox_prompts_per_rollout
+    rollout = group * groups
+    # one optimiser step per rollout (on-policy), in micro-batches of at most 8 samples
+    batch = next(b for b in (8, 4, 2, 1) if rollout % b == 0)
+    grpo = GRPOConfig(
+        num_steps=config.blackbox_num_steps, eval_num_steps=config.num_steps, guidance_scale=config.blackbox_guidance_scale,
+        group_size=group, rollout_prompts=groups, learning_rate=config.blackbox_learning_rate, weight_decay=0.0,
+        ratio_norm=config.blackbox_ratio_norm,
+    )
+    train_cfg = TrainConfig(
+        model=config.model, method="grpo", grpo=grpo, reward=config.blackbox_reward, prompts=list(train_prompts),
+        output_dir=str(out / "train_blackbox"), seed=config.seed, max_steps=config.blackbox_steps, batch_size=batch,
+        gradient_accumulation_steps=rollout // batch, height=h, width=w, checkpoint_every=0, sample_every=0,
+        num_samples=4, device=config.device, lora=LoRAConfig(rank=config.lora_rank), model_recommendations=False,
+    )
+    trainer = Trainer(train_cfg, model=model, progress="demo 4/4: GRPO toward a black-box reward" if progress else False)
+    trainer.setup()
+    reward = trainer.reward
+    t0 = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - t0
+    metrics = [json.loads(x) for x in (out / "train_blackbox" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [m["step"] for m in metrics if "loss" in m]
+    rollout_rewards = [m["reward_mean"] for m in metrics if "loss" in m]
+    plot_lines(
+        report_dir / "blackbox_reward_curve.png",
+        {"rollout reward": (steps, rollout_rewards), "moving average (5)": (steps, moving_average(rollout_rewards, 5))},
+        title=f"GRPO training reward ({reward.name})", xlabel="optimiser step (one rollout each)", ylabel="reward",
+    )
+    guide_prompts = heldout[: max(1, min(len(heldout), 8))]
+    sweep = _guidance_sweep(model, guide_prompts, reward, config, "demo 4/4: RL guidance sweep", progress,
+                            guidance_scale=config.blackbox_guidance_scale, h=h, w=w, report_dir=report_dir, scale=scale,
+                            tag="_blackbox", eta=grpo.evaluation_sampling(model.is_flow)["eta"])
+    rows, ws, means = sweep["rows"], sweep["weights"], sweep["means"]
+    trend = _trend(ws, means)
+    base = next(r for r in rows if r["w"] == 0.0) if 0.0 in ws else rows[0]
+    trained = next((r for r in rows if r["w"] == 1.0), None)
+    part = {
+        "reward": reward.name,
+        "method": "grpo",
+        "train_steps": result.steps,
+        "train_seconds": round(seconds, 1),
+        "rollout_samples": rollout,
+        "sampling_steps": config.blackbox_num_steps,
+        "base_mean": base["mean reward"],
+        "trained_mean": None if trained is None else trained["mean reward"],
+        "trained_above_base": bool(trained is not None and trained["mean reward"] > base["mean reward"]),
+        "lora_dir": str(result.lora_dir),
+        **trend,
+    }
+    if "prompt fidelity" in rows[0]:
+        part["prompt_fidelity"] = [row["prompt fidelity"] for row in rows]
+    sampler = f"the flow SDE, a = {grpo.noise_level}" if model.is_flow else f"DDIM, eta {grpo.eta:g}"
+    trained_text = "" if trained is None else (
+        f" Mean '{reward.name}' on {len(guide_prompts) * config.guide_seeds} held-out images: {base['mean reward']:.4f} "
+        f"(w = 0, base) -> {trained['mean reward']:.4f} (w = 1, the GRPO LoRA)."
+    )
+    sections.append(
+        Section(
+            "4. A black-box reward: trained with GRPO, then guided",
+            f"No gradient of '{reward.name}' exists, so part 1's reward backpropagation cannot train toward it; a policy "
+            f"gradient can. GRPO sampled {result.steps} rollouts of {groups} prompts x {group} samples with a stochastic "
+            f"sampler ({sampler}, {config.blackbox_num_steps} steps), scored them, normalised each "
+            f"reward within its prompt's group and took one PPO-clipped step on a fresh LoRA per rollout"
+            f"{' (with GRPO-Guard ratio normalisation)' if config.blackbox_ratio_norm else ''}, in "
+            f"{seconds:.0f} s.{trained_text} Then RL guidance blends the base and the GRPO model with w, as part 3 does: "
+            f"the compressibility experiment of RL guidance in miniature (Spearman rank correlation of reward and w "
+            f"{trend['spearman']:.2f}).\n\n{_over_optimisation_text(rows, reward.name)}",
+            [Figure("blackbox_reward_curve.png", "mean reward of each rollout"), *sweep["figures"]],
+            rows,
+        )
+    )
+    return part
 
 
 def _prompt_fidelity(prompts: list[str], images: torch.Tensor) -> float | None:

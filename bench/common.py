@@ -254,7 +254,7 @@ def new_payload(benchmark: str, script: str, argv: list[str] | None, device: str
 
 
 ROW_KEY = ("variant", "gradient_checkpointing", "training", "num_steps", "truncation_steps", "batch_size",
-           "mixed_precision", "model", "device", "resolution")
+           "mixed_precision", "model", "device", "resolution", "reward_latency", "sequential")
 
 
 def resume_payload(path: str | Path, payload: dict[str, Any]) -> tuple[dict[str, Any], set[tuple]]:

@@ -25,6 +25,9 @@ MEMORY_RATIO_TARGET = 1.3  # checkpointed peak at K = T = 50 over K = 1
 TIME_RATIO_TARGET = 1.25  # checkpointed step over the lower bound
 PLAN_ERROR_TARGET = 0.20
 STEERING_TARGET = 1.05
+#: targets of the policy-gradient benchmark
+PG_TIME_TARGET = 1.25  # step over its denoiser calls
+PG_MEMORY_TARGET = 1.3  # peak at the largest T over the smallest
 
 
 def _mb(value: float | None) -> str:
@@ -462,6 +465,55 @@ def gpu_check_tables(payload: dict[str, Any]) -> str:
     return "\n".join(out).rstrip()
 
 
+def policy_gradient_tables(payload: dict[str, Any]) -> str:
+    """Time split and memory of policy-gradient steps, ours next to the lower bound and the naive loop, per T."""
+    out = [_machine(payload), ""]
+    settings = payload.get("settings", {})
+    if settings:
+        out += ["Settings: " + "; ".join(f"{k} {v}" for k, v in settings.items()) + ".", ""]
+    ok = [r for r in payload["rows"] if "error" not in r]
+    rows = [r for r in ok if not r.get("reward_latency") and not r.get("sequential")]
+    by = {(r["variant"], r["num_steps"]): r for r in rows}
+    steps = sorted({r["num_steps"] for r in rows})
+    timed = [t for t in steps if by.get(("ours", t), {}).get("split")]
+    if timed:
+        table = []
+        for t in timed:
+            ours, naive = by[("ours", t)], by.get(("naive", t))
+            sp = ours["split"]
+            ratio = sp["step_s"] / ours["lower_bound_s"]
+            table.append([str(t), str(ours["micro_steps"]), _s(sp["rollout_s"]), _s(sp["reward_wait_s"]),
+                          _s(sp["reward_busy_s"]), _s(sp["train_s"]), _s(sp["step_s"]), _s(ours["lower_bound_s"]),
+                          f"{ratio:.2f}x {'pass' if ratio <= PG_TIME_TARGET else 'FAIL'}",
+                          _s(naive.get("step_time_s")) if naive else "-"])
+        out += ["**Time per optimiser step (median, seconds): one rollout and its training pass**", "",
+                _table(["T", "micro-steps", "rollout (sampling + decode)", "waiting for the reward", "reward (worker)",
+                        "training pass", "step", "lower bound", f"step / lower bound (target <= {PG_TIME_TARGET}x)",
+                        "naive step"], table), ""]
+    mem = [t for t in steps if ("ours", t) in by]
+    if mem:
+        base = by[("ours", mem[0])]["peak_mb"]
+        table = [[str(t), str(by[("ours", t)]["micro_steps"]), _mb(by[("ours", t)]["peak_mb"]),
+                  f"{by[('ours', t)]['peak_mb'] / base:.2f}x", _mb(by.get(("naive", t), {}).get("peak_mb"))] for t in mem]
+        flat = by[("ours", mem[-1])]["peak_mb"] / base
+        out += [f"**Peak memory per optimiser step, MB above the resident weights and optimizer state** (ours at T={mem[-1]} "
+                f"over T={mem[0]}: {flat:.2f}x, target <= {PG_MEMORY_TARGET}x: {'pass' if flat <= PG_MEMORY_TARGET else 'FAIL'})",
+                "", _table(["T", "micro-steps (trained steps x micro-batches)", "ours", "ours / smallest T", "naive"], table), ""]
+    remote = [r for r in ok if r.get("reward_latency") and r.get("split")]
+    if remote:
+        table = [[str(r["num_steps"]), f"{r['reward_latency']:g}", "main thread" if r.get("sequential") else "worker",
+                  _s(r["split"]["rollout_s"]), _s(r["split"]["reward_busy_s"]), _s(r["split"]["reward_wait_s"]),
+                  _s(r["split"]["step_s"])] for r in sorted(remote, key=lambda r: (r["num_steps"], bool(r.get("sequential"))))]
+        out += ["**A slow (remote-like) reward: seconds added per reward call, scored in the worker while the next chunk "
+                "is sampled, or on the main thread after each chunk**", "",
+                _table(["T", "added latency per call, s", "scored on", "rollout (sampling + decode)", "reward (busy)",
+                        "waiting for the reward", "step"], table), ""]
+    failed = [r for r in payload["rows"] if "error" in r]
+    if failed:
+        out.append(f"{len(failed)} rows failed: " + "; ".join(f"{r['variant']} T={r['num_steps']}: {r['error']}" for r in failed))
+    return "\n".join(out)
+
+
 def _load(name: str, folder: Path = RESULTS) -> dict[str, Any] | None:
     path = folder / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -491,6 +543,8 @@ def render(name: str, folder: Path = RESULTS) -> str:
         return reward_server_table(data)
     if data["benchmark"] == "gpu_check":
         return gpu_check_tables(data)
+    if data["benchmark"] == "policy_gradient":
+        return policy_gradient_tables(data)
     raise ValueError(f"unknown benchmark {data['benchmark']!r}")
 
 

@@ -87,6 +87,23 @@ def test_shift_moves_the_mean_and_on_noise_sees_the_drawn_noise():
         torch.testing.assert_close(states[i + 1], mean + delta + schedule.noise_stds[i] * z, atol=0, rtol=0)
 
 
+def test_on_transition_reports_each_step_input_gaussian_and_output():
+    denoiser, schedule = _toy("ddim", 8, 1.0)
+    predict = _toy_predict(denoiser, schedule)
+    seen = []
+    out = run_chain(schedule, predict, *_start(schedule, 3), on_transition=lambda i, x, step, nxt: seen.append((i, x, step, nxt)))
+    assert torch.equal(out, run_chain(schedule, predict, *_start(schedule, 3)))  # recording changes nothing
+    assert [i for i, *_ in seen] == list(range(8))
+    x_T, _ = _start(schedule, 3)
+    assert torch.equal(seen[0][1], x_T) and torch.equal(seen[-1][3], out)
+    for (i, x, step, nxt), later in zip(seen, seen[1:] + [None]):
+        assert torch.equal(step.mean, schedule.transition(i, x, predict(i, x)).mean) and step.noise_std == schedule.noise_stds[i]
+        if later is not None:
+            assert torch.equal(later[1], nxt)  # the output of step i is the input of step i + 1
+        if step.noise_std == 0:
+            assert torch.equal(nxt, step.mean)
+
+
 def test_reweight_replaces_particles_and_outputs():
     denoiser, schedule = _toy("ddim", 10, 1.0)
     predict = _toy_predict(denoiser, schedule)

@@ -61,6 +61,14 @@ def test_train_help_shows_the_shared_method_fields_once(capsys, monkeypatch):
     assert "draft.truncation_steps (int, default 1)" in text
     assert "draft_lv.lv_copies (int, default 2)" in text
     assert "draft.learning_rate" not in text
+    # each family's own fields once, for its sections only: backprop's loss, policy gradient's clip range
+    assert len(re.findall(r"SECTION\.loss \(", text)) == 1 and len(re.findall(r"SECTION\.clip_range \(", text)) == 1
+    families = [ln for ln in text.splitlines() if ln.strip().startswith("fields of the sections")]
+    assert [ln.split("(")[0].strip() for ln in families] == [
+        "fields of the sections draft, draft_lv, alignprop, refl", "fields of the sections ddpo, grpo"]
+    assert "grpo.group_size (int, default 24)" in text and "ddpo.rollout_samples (int, default 256)" in text
+    line = next(ln for ln in text.splitlines() if "SECTION.num_steps (" in ln)
+    assert "ddpo 50" in line and "grpo 10" in line
 
 
 def test_list_rewards_gives_whole_first_paragraphs(capsys, monkeypatch):

@@ -335,32 +335,38 @@ DIST_DRIVER = textwrap.dedent(
 )
 
 
-def test_two_process_training_matches_one_process(tmp_path):
+def two_processes_and_one(tmp_path, base: dict, port: int, batch_size: int = 1):
+    """Train ``base`` on two processes (torchrun, gloo) with ``batch_size`` each and on one process with twice that
+    (the same global batch); returns the final weights of (rank 0, rank 1, the single process)."""
     tiny_pipeline("sd").save_pretrained(tmp_path / "model")
     script = tmp_path / "dist.py"
     script.write_text(DIST_DRIVER)
-    # a linear schedule with warm-up: the learning rate must advance once per optimiser step on every process
-    base = {
-        "model": str(tmp_path / "model"), "max_steps": 4, "prompts": PROMPTS, "checkpoint_every": 1,
-        "sample_every": 0, "num_samples": 1, "lora": {"rank": 2}, "draft": {"num_steps": 3, "learning_rate": 1e-2},
-        "lr_schedule": "linear", "lr_warmup_steps": 2, "device": "cpu",
-    }
-    two = {**base, "batch_size": 1, "output_dir": str(tmp_path / "two")}
+    base = {**base, "model": str(tmp_path / "model"), "device": "cpu"}
+    two = {**base, "batch_size": batch_size, "output_dir": str(tmp_path / "two")}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
          str(script), json.dumps(two), str(tmp_path / "two-rank{rank}.safetensors")],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = {**base, "batch_size": 2, "output_dir": str(tmp_path / "one")}
+    one = {**base, "batch_size": 2 * batch_size, "output_dir": str(tmp_path / "one")}
     proc = subprocess.run(
         [sys.executable, str(script), json.dumps(one), str(tmp_path / "one-rank{rank}.safetensors")],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0 = load_file(tmp_path / "two-rank0.safetensors")
-    r1 = load_file(tmp_path / "two-rank1.safetensors")
-    single = load_file(tmp_path / "one-rank0.safetensors")
+    return tuple(load_file(tmp_path / name) for name in ("two-rank0.safetensors", "two-rank1.safetensors",
+                                                          "one-rank0.safetensors"))
+
+
+def test_two_process_training_matches_one_process(tmp_path):
+    # a linear schedule with warm-up: the learning rate must advance once per optimiser step on every process
+    base = {
+        "max_steps": 4, "prompts": PROMPTS, "checkpoint_every": 1,
+        "sample_every": 0, "num_samples": 1, "lora": {"rank": 2}, "draft": {"num_steps": 3, "learning_rate": 1e-2},
+        "lr_schedule": "linear", "lr_warmup_steps": 2,
+    }
+    r0, r1, single = two_processes_and_one(tmp_path, base, 29533)
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k  # both ranks hold the same weights
         torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-6)

@@ -89,3 +89,20 @@ def test_the_builtin_model_warns_once_about_words_it_does_not_know(caplog):
         model.encode_prompts(["a horse"], guidance=False)
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "does not know the word(s) 'cat', 'dog'" in warnings[0]
+
+
+def test_recommendations_per_method(builtin_notes):
+    """The built-in model's policy-gradient settings apply to ddpo / grpo only (top-level fields included), over the
+    generic block; generic method keys a method lacks are skipped, and draft keeps its own recommendations."""
+    grpo, applied = apply_recommended(load_config(TrainConfig, None, ["method=grpo", "grpo.group_size=4"]), builtin_notes,
+                                      "train")
+    assert grpo.grpo.learning_rate == 0.01 and grpo.grpo.num_steps == 8 and grpo.grpo.rollout_prompts == 2
+    assert grpo.batch_size == 8 and grpo.gradient_accumulation_steps == 2 and grpo.lora.rank == 4
+    assert grpo.grpo.group_size == 4  # the user's
+    assert "grpo.learning_rate=0.01" in applied and "batch_size=8" in applied
+    assert not any(a.startswith(("grpo.tracker", "grpo.rollout_samples", "ddpo.")) for a in applied)
+    ddpo, _ = apply_recommended(load_config(TrainConfig, None, ["method=ddpo"]), builtin_notes, "train")
+    assert ddpo.ddpo.rollout_samples == 16 and ddpo.ddpo.tracker_min_count == 8 and ddpo.grpo.learning_rate == 3e-4
+    draft, applied = apply_recommended(load_config(TrainConfig, None, []), builtin_notes, "train")
+    assert draft.draft.learning_rate == 3e-3 and draft.batch_size == 2 and draft.grpo.num_steps == 10
+    assert not any(a.startswith(("grpo.", "ddpo.", "batch_size")) for a in applied)

@@ -305,6 +305,7 @@ def test_cli_plans_a_preset_offline():
 BAD = [
     (["--model", "someorg/somemodel"], "offline mode is on (HF_HUB_OFFLINE=1) and model_index.json is not in the local"),
     (["--model", "sd15", "--method", "dpo"], "method='dpo' is not supported"),
+    (["--model", "sd15", "--method", "grpo"], "method='grpo': align plan models the reward-backprop methods"),
     (["--model", "sd15", "--truncation-steps", "60"], "truncation_steps=60 exceeds num_steps=50; accepted: 1..50"),
     (["--model", "sd15", "--resolution", "500"], "height=500 is not supported by this sd model; accepted: positive multiples of 64"),
     (["--model", "sd15", "--budget", "lots"], "memory size 'lots' is not understood"),

@@ -26,7 +26,7 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", default="sd15", help="preset (sd15, sdxl, sd3, flux), 'builtin', a local diffusers folder or a hub id")
-    parser.add_argument("--method", default="draft", help="draft, draft_lv, alignprop or refl")
+    parser.add_argument("--method", default="draft", help="draft, draft_lv, alignprop or refl (not ddpo, grpo: see their error)")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps T (default: the method's)")
     parser.add_argument("--truncation-steps", type=int, default=None, help="K, grad-enabled final steps (draft, alignprop)")
     parser.add_argument("--lv-copies", type=int, default=2, help="DRaFT-LV's re-noised copies")

@@ -1,4 +1,5 @@
-"""``align train``: reward-backprop fine-tuning (DRaFT, DRaFT-LV, AlignProp, ReFL) with LoRA."""
+"""``align train``: fine-tuning toward a reward with LoRA: reward backpropagation (DRaFT, DRaFT-LV, AlignProp, ReFL)
+or policy gradient (DDPO, GRPO) for any reward."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ def add_parser(subparsers) -> None:
 
     parser = add_config_command(
         subparsers, "train", TrainConfig,
-        help="fine-tune a model toward a reward by backpropagating through sampling",
+        help="fine-tune a model toward a reward (reward backpropagation, or policy gradient for black-box rewards)",
         description=(
-            "Fine-tune LoRA weights so that samples maximise a differentiable reward. Runs on one CPU, one GPU or "
-            "many (`accelerate launch -m align train ...`). Writes the LoRA in diffusers format to OUTPUT_DIR/lora, "
+            "Fine-tune LoRA weights so that samples maximise a reward: by backpropagating a differentiable reward "
+            "through sampling (method=draft, draft_lv, alignprop, refl), or by policy gradient over rollouts of a "
+            "stochastic sampler, for any reward, black-box ones included (method=ddpo, grpo). Runs on one CPU, one GPU "
+            "or many (`accelerate launch -m align train ...`). Writes the LoRA in diffusers format to OUTPUT_DIR/lora, "
             "resumable checkpoints, metrics.jsonl and sample grids. Resume with resume=latest."
         ),
         example=EXAMPLE,

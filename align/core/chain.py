@@ -12,7 +12,9 @@ step ``i`` the chain
    x0-prediction to ``step_callback``; at ``stop_step`` it returns that x0-prediction (ReFL);
 4. moves the step's mean by ``shift(i, step)`` (gradient guidance, FK's gradient-guided proposal);
 5. adds ``std_i * z`` with ``z`` drawn from ``noise`` and passes (shift, z) to ``on_noise``
-   (FK's importance-weight correction of a shifted proposal).
+   (FK's importance-weight correction of a shifted proposal);
+6. reports ``on_transition(i, x_i, step, x_{i+1})``: the step's input, its Gaussian transition and
+   its output (policy-gradient rollouts record these to compute log-probabilities).
 
 One noise layout: ``noise`` is one generator per sample row (:func:`seeded_generators`), so a
 sample depends only on its own seed, never on the batch it is drawn in (one generator for the
@@ -51,6 +53,8 @@ MeanShift = Callable[[int, StepResult], "Tensor | None"]
 NoiseHook = Callable[[int, Tensor, Tensor], None]
 #: (step i, detached x0-prediction of step i) -> None
 StepCallback = Callable[[int, Tensor], None]
+#: (step i, input x_i, transition of step i, output x_{i+1}) -> None
+TransitionHook = Callable[[int, Tensor, StepResult, Tensor], None]
 
 
 def seeded_generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
@@ -85,6 +89,7 @@ def run_chain(
     shift: MeanShift | None = None,
     on_noise: NoiseHook | None = None,
     step_callback: StepCallback | None = None,
+    on_transition: TransitionHook | None = None,
     progress: bool = False,
     description: str = "sampling",
 ) -> Tensor:
@@ -97,7 +102,7 @@ def run_chain(
         noise: one generator per row of ``x_T`` (or one for the batch) for the step noise; a step
             without noise (std 0) draws nothing.
         stop_step: return the x0-prediction of this step instead of continuing (ReFL).
-        reweight, shift, on_noise, step_callback: the hooks (None: not used).
+        reweight, shift, on_noise, step_callback, on_transition: the hooks (None: not used).
 
     Returns:
         x_0 (the last step's output), or the x0-prediction of ``stop_step``.
@@ -118,11 +123,14 @@ def run_chain(
         if delta is not None:
             mean = mean + delta
         std = schedule.noise_stds[i]
+        x_in = x
         if std == 0.0:
             x = mean
-            continue
-        z = randn(mean.shape, noise, mean.device, mean.dtype)
-        x = mean + std * z
-        if delta is not None and on_noise is not None:
-            on_noise(i, delta, z)
+        else:
+            z = randn(mean.shape, noise, mean.device, mean.dtype)
+            x = mean + std * z
+            if delta is not None and on_noise is not None:
+                on_noise(i, delta, z)
+        if on_transition is not None:
+            on_transition(i, x_in, step, x)
     return x

@@ -9,6 +9,7 @@ live in each dataclass's ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -373,12 +374,26 @@ def _nested_type(f: dataclasses.Field, tp: Any) -> type | None:
 
 
 def _shared_section_base(types: list[type]) -> type | None:
-    """A dataclass base that two or more of the section types derive from (every method config's base)."""
+    """The most general dataclass base with fields that two or more section types derive from (every method's base)."""
+    found = None
     for t in types:
-        for base in t.__mro__[1:]:
+        for base in reversed(t.__mro__[1:]):
             if dataclasses.is_dataclass(base) and dataclasses.fields(base):
                 if sum(issubclass(other, base) for other in types) >= 2:
-                    return base
+                    if found is None or issubclass(found, base):
+                        found = base
+                    break
+    return found
+
+
+def _family_base(section: type, root: type, types: list[type]) -> type | None:
+    """The base between ``section`` and ``root`` that other sections share too (a method family), else None."""
+    for base in section.__mro__[1:]:
+        if base is root:
+            return None
+        if (dataclasses.is_dataclass(base) and issubclass(base, root) and base is not root
+                and sum(issubclass(other, base) for other in types) >= 2):
+            return base
     return None
 
 
@@ -390,7 +405,9 @@ def describe_config(cls: type, prefix: str = "", width: int | None = None) -> st
     """Every field of a config dataclass (nested ones dotted) with type, default and description.
 
     Sections that share a base dataclass (the methods of ``align train``) are shown once: the base's
-    fields with each section's default, then each section with only the fields of its own.  Lines
+    fields with each section's default, then for each family of sections sharing a further base (the
+    reward-backprop and the policy-gradient methods) that base's fields, then each section with only the
+    fields of its own.  Lines
     are wrapped to ``width`` (default: the terminal's).
     """
     width = width or help_width()
@@ -424,32 +441,55 @@ def describe_config(cls: type, prefix: str = "", width: int | None = None) -> st
 
 
 def _describe_sections(cls, prefix, names, shared, width, field_line) -> list[str]:
-    """The block of sections sharing ``shared``: common fields once (defaults per section), then each section's own."""
+    """The block of sections sharing ``shared``: common fields once (defaults per section), then per family of
+    sections (a further shared base, e.g. the reward-backprop methods) the family's fields once, then each
+    section's own fields."""
     instances = {n: _default_of(next(f for f in dataclasses.fields(cls) if f.name == n)) for n in names}
     docs = field_docs(cls)
-    base_names = [f.name for f in dataclasses.fields(shared) if f.init]
-    base_hints = field_types(shared)
-    base_docs = field_docs(shared)
     section = "SECTION"
-    example = f"{prefix}{names[0]}.{base_names[0]}"
+    types = [type(instances[n]) for n in names]
+    families: dict[type | None, list[str]] = {}
+    for n in names:
+        families.setdefault(_family_base(type(instances[n]), shared, types), []).append(n)
+
+    def common_fields(base: type, members: list[str], skip: set[str]) -> list[str]:
+        hints, base_docs, out = field_types(base), field_docs(base), []
+        for f in dataclasses.fields(base):
+            if not f.init or f.name in skip:
+                continue
+            values = {n: _shown(getattr(instances[n], f.name)) for n in members}
+            if len(set(values.values())) == 1:
+                default = f"default {next(iter(values.values()))}"
+            else:
+                default = "defaults: " + ", ".join(f"{n} {v}" for n, v in values.items())
+            out.append(field_line(f"{section}.{f.name}", hints[f.name], default, base_docs.get(f.name, "")))
+        return out
+
+    root_fields = [f.name for f in dataclasses.fields(shared) if f.init]
+    root_names = set(root_fields)
+    example = f"{prefix}{names[0]}.{root_fields[0]}"
     lines = [_wrap(
         f"fields of every section {', '.join(prefix + n for n in names)} (set as {section}.FIELD, e.g. {example}=...):",
         width, "  ", "  ",
     )]
-    for field_name in base_names:
-        values = {n: _shown(getattr(instances[n], field_name)) for n in names}
-        if len(set(values.values())) == 1:
-            default = f"default {next(iter(values.values()))}"
-        else:
-            default = "defaults: " + ", ".join(f"{n} {v}" for n, v in values.items())
-        lines.append(field_line(f"{section}.{field_name}", base_hints[field_name], default, base_docs.get(field_name, "")))
-    for n in names:
-        sub = type(instances[n])
-        lines.append(_wrap(f"{prefix}{n}: {docs.get(n, '')}".rstrip(": "), width, "  ", "      "))
-        own_hints = field_types(sub)
-        own_docs = field_docs(sub)
-        for f in dataclasses.fields(sub):
-            if f.init and f.name not in base_names:
-                default = f"default {_shown(_default_of(f))}"
-                lines.append(field_line(f"{prefix}{n}.{f.name}", own_hints[f.name], default, own_docs.get(f.name, "")))
+    lines += common_fields(shared, names, set())
+    for family, members in families.items():
+        known = set(root_names)
+        if family is not None:
+            summary = (inspect.cleandoc(family.__doc__ or "").splitlines() or [""])[0].rstrip(".")
+            lines.append(_wrap(
+                f"fields of the sections {', '.join(prefix + n for n in members)}" + (f" ({summary})" if summary else "")
+                + ":", width, "  ", "  ",
+            ))
+            lines += common_fields(family, members, known)
+            known |= {f.name for f in dataclasses.fields(family) if f.init}
+        for n in members:
+            sub = type(instances[n])
+            lines.append(_wrap(f"{prefix}{n}: {docs.get(n, '')}".rstrip(": "), width, "  ", "      "))
+            own_hints = field_types(sub)
+            own_docs = field_docs(sub)
+            for f in dataclasses.fields(sub):
+                if f.init and f.name not in known:
+                    default = f"default {_shown(_default_of(f))}"
+                    lines.append(field_line(f"{prefix}{n}.{f.name}", own_hints[f.name], default, own_docs.get(f.name, "")))
     return lines

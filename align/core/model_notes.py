@@ -10,7 +10,11 @@ reported; ``model_recommendations=false`` turns them off.  The file::
      "vocabulary": ["a", "on", "background", "circle", ...],
      "recommended": {"train": {"method.learning_rate": 0.003, "lora.rank": 4}}}
 
-``method.`` stands for the section of the method a training config selects (``draft.``, ...).
+``method.`` stands for the section of the method a training config selects (``draft.``, ...); a
+``method.`` key that the selected method has no field for (``method.group_size`` for draft) is
+skipped.  Recommendations per method: a block ``"train.grpo": {...}`` applies only when that method
+is selected, over the ``"train"`` block (it may set any field: ``"batch_size": 8``); a key naming a
+method's own section (``grpo.learning_rate``) applies only when that method is selected too.
 """
 
 from __future__ import annotations
@@ -95,13 +99,13 @@ def apply_recommended(config: Any, notes: ModelNotes | None, command: str) -> tu
 
     if notes is None or not getattr(config, "model_recommendations", True):
         return config, []
-    wanted = notes.recommended.get(command, {})
     data = to_dict(config)
     applied = []
-    for key, value in wanted.items():
-        dotted = key
-        if key.startswith("method."):
-            dotted = f"{config.method}.{key[len('method.'):]}"
+    wanted = dict(notes.recommended.get(command, {}))
+    method = getattr(config, "method", None)
+    if method is not None:
+        wanted.update(notes.recommended.get(f"{command}.{method}", {}))
+    for key, (dotted, value) in _resolve_method_keys(config, wanted).items():
         try:
             explicit = is_explicit(config, dotted)
         except (AttributeError, StopIteration):
@@ -121,3 +125,37 @@ def apply_recommended(config: Any, notes: ModelNotes | None, command: str) -> tu
     new = from_dict(type(config), data)
     _mark_explicit(new, explicit_fields(config))  # what the user set, not what was recommended
     return new, applied
+
+
+def _resolve_method_keys(config: Any, wanted: Mapping[str, Any]) -> dict[str, tuple[str, Any]]:
+    """{key: (dotted field, value)} of the recommendations that apply to ``config``'s method.
+
+    ``method.X`` becomes ``<method>.X`` when the selected method has a field X (skipped when only other methods
+    have it); ``<other method>.X`` is skipped; ``<method>.X`` replaces ``method.X``.  A ``method.X`` that no method
+    has stays, to be reported as unknown.
+    """
+    import dataclasses
+
+    sections = tuple(getattr(config, "method_sections", ()))
+    selected = getattr(config, "method", None)
+    resolved: dict[str, tuple[str, Any]] = {}
+    specific: dict[str, tuple[str, Any]] = {}
+    for key, value in wanted.items():
+        head, _, rest = key.partition(".")
+        if head == "method" and selected is not None:
+            section = getattr(config, selected)
+            names = {f.name for f in dataclasses.fields(section)}
+            elsewhere = any(rest in {f.name for f in dataclasses.fields(getattr(config, s))} for s in sections)
+            if rest.split(".")[0] not in names and elsewhere:
+                continue  # a field of other methods only
+            resolved[key] = (f"{selected}.{rest}", value)
+        elif head in sections and head != selected:
+            continue
+        elif head in sections:
+            specific[key] = (key, value)
+        else:
+            resolved[key] = (key, value)
+    overridden = {dotted for dotted, _ in specific.values()}
+    out = {k: v for k, v in resolved.items() if v[0] not in overridden}
+    out.update(specific)
+    return out

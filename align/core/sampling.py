@@ -21,24 +21,31 @@ The generalised DDIM step for a path (alpha, sigma) uses the posterior noise lev
 
 which is DDIM's sigma_t(eta) for VP paths and, for flow matching, gives the exact
 deterministic Euler step at eta = 0 and the ancestral (DDPM-like) step at eta = 1.
+
+The flow reverse SDE with the ODE's marginals (Flow-GRPO, DanceGRPO) is one more way to fill the
+rows (:func:`flow_sde_row`, :meth:`SamplingSchedule.flow_sde`), and rows are per step, so a
+schedule with stochastic steps in a window and deterministic ones elsewhere (MixGRPO,
+Flow-GRPO-Fast) is :meth:`SamplingSchedule.mixed`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from align.core.errors import AlignError, check_range
+from align.core.errors import AlignError, ConfigError, check_choice, check_range
 
 PredictionType = Literal["epsilon", "v_prediction", "flow", "sample"]
 SamplerKind = Literal["ddim", "ddpm", "flow"]
 
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "flow", "sample")
+#: diffusion coefficient g of the flow reverse SDE: Flow-GRPO's a*sqrt(sigma/(1-sigma)) or DanceGRPO's constant a
+SDE_NOISE: tuple[str, ...] = ("flow_grpo", "constant")
 SUPPORTED_SCHEDULERS: tuple[str, ...] = ("DDIMScheduler", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler")
 
 Conditioning = Mapping[str, Tensor]
@@ -78,6 +85,36 @@ def posterior_noise_std(alpha_t: float, sigma_t: float, alpha_s: float, sigma_s:
         return 0.0
     inner = sigma_t**2 - (alpha_t * sigma_s / alpha_s) ** 2
     return eta * (sigma_s / sigma_t) * math.sqrt(max(inner, 0.0))
+
+
+def flow_sde_row(
+    sigma: float, sigma_next: float, noise_level: float, noise: str = "flow_grpo", sigma_cap: float | None = None
+) -> tuple[float, float, float, float]:
+    """(c_x0, c_eps, c_xt, std) of one step of the flow reverse SDE with the ODE's marginals.
+
+    The path is x_t = (1 - t) x0 + t eps with velocity v = eps - x0, and the reverse SDE with
+    diffusion g has drift v - (g^2 / 2) * score, where score = -eps / t.  One Euler-Maruyama step
+    from t = ``sigma`` to ``sigma_next`` (dt = sigma_next - sigma < 0) is
+
+        mean = x_t + dt * (v + g^2 / (2 t) * eps_hat),   std = g * sqrt(-dt),
+
+    i.e. c_x0 = -dt, c_eps = dt * (1 + g^2 / (2 t)), c_xt = 1.  ``noise`` chooses g:
+    ``"flow_grpo"``: g = a * sqrt(t / (1 - t)) (Flow-GRPO; at t = 1 the denominator uses
+    1 - ``sigma_cap``, the next step's level, as Flow-GRPO does with ``sigmas[1]``);
+    ``"constant"``: g = a (DanceGRPO's eta).  a = ``noise_level`` > 0.
+    """
+    check_choice("sde_noise", noise, SDE_NOISE)
+    if not noise_level > 0:
+        raise ConfigError(f"noise_level={noise_level!r} must be > 0 (the SDE's noise scale a; a = 0 is the ODE)")
+    if not 0.0 < sigma <= 1.0 or not 0.0 <= sigma_next < sigma:
+        raise AlignError(f"a flow SDE step needs 1 >= sigma > sigma_next >= 0; got sigma={sigma}, sigma_next={sigma_next}")
+    if noise == "constant":
+        g = noise_level
+    else:
+        denominator = 1.0 - (sigma if sigma < 1.0 else (sigma_next if sigma_cap is None else sigma_cap))
+        g = noise_level * math.sqrt(sigma / denominator)
+    dt = sigma_next - sigma
+    return -dt, dt * (1.0 + g * g / (2.0 * sigma)), 1.0, g * math.sqrt(-dt)
 
 
 @dataclass(frozen=True)
@@ -150,6 +187,50 @@ class SamplingSchedule:
     def is_stochastic(self) -> bool:
         """True when some step before the last adds noise (needed for particle resampling)."""
         return any(s > 0 for s in self.noise_stds[:-1])
+
+    @property
+    def stochastic_steps(self) -> tuple[int, ...]:
+        """The steps that add noise (std > 0): those with a Gaussian transition density."""
+        return tuple(i for i, s in enumerate(self.noise_stds) if s > 0)
+
+    def flow_sde(self, noise_level: float, noise: str = "flow_grpo") -> SamplingSchedule:
+        """This flow schedule's levels with every step replaced by the reverse-SDE step of
+        :func:`flow_sde_row` (Flow-GRPO's sampler at ``noise="flow_grpo"``, DanceGRPO's at ``"constant"``).
+
+        Its marginals are the ODE's (up to discretisation), so a flow model samples the same
+        distribution, now with a Gaussian density per step (what policy-gradient methods need).
+        """
+        if self.kind != "flow":
+            raise AlignError(f"flow_sde needs a flow-matching schedule; this one is {self.kind!r} (use DDIM eta > 0)")
+        cap = self.next_sigmas[0]
+        rows = [flow_sde_row(s, n, noise_level, noise, cap) for s, n in zip(self.sigmas, self.next_sigmas)]
+        c_x0, c_eps, c_xt, stds = (tuple(col) for col in zip(*rows))
+        return replace(self, coef_x0=c_x0, coef_eps=c_eps, coef_xt=c_xt, noise_stds=stds, eta=float(noise_level))
+
+    def mixed(self, other: SamplingSchedule, steps: Iterable[int]) -> SamplingSchedule:
+        """This schedule with the rows of ``other`` at ``steps`` (e.g. SDE steps in a window, ODE steps elsewhere).
+
+        Both must share timesteps and levels (the same scheduler and number of steps).
+        """
+        if (self.num_steps != other.num_steps or self.sigmas != other.sigmas or self.alphas != other.alphas
+                or self.next_sigmas != other.next_sigmas or not torch.equal(self.timesteps.cpu(), other.timesteps.cpu())):
+            raise AlignError("mixed schedules need the same timesteps and levels (same scheduler and num_steps)")
+        chosen = set(steps)
+        bad = sorted(i for i in chosen if not 0 <= i < self.num_steps)
+        if bad:
+            raise AlignError(f"steps {bad} are outside 0..{self.num_steps - 1}")
+
+        def pick(mine: tuple[float, ...], theirs: tuple[float, ...]) -> tuple[float, ...]:
+            return tuple(theirs[i] if i in chosen else mine[i] for i in range(self.num_steps))
+
+        return replace(
+            self,
+            coef_x0=pick(self.coef_x0, other.coef_x0),
+            coef_eps=pick(self.coef_eps, other.coef_eps),
+            coef_xt=pick(self.coef_xt, other.coef_xt),
+            noise_stds=pick(self.noise_stds, other.noise_stds),
+            eta=other.eta if chosen else self.eta,
+        )
 
     def model_timestep(self, i: int, batch_size: int, device: torch.device | str) -> Tensor:
         """The timestep the denoiser expects at step ``i``, as a [B] tensor."""

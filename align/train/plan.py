@@ -49,6 +49,8 @@ from align.core.errors import AlignError, ConfigError, check_choice, check_range
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 PRESET_ALIASES = {"sd1.5": "sd15", "sd-1.5": "sd15", "sd-xl": "sdxl", "sd3-medium": "sd3", "flux-dev": "flux"}
 PLAN_METHODS = ("draft", "draft_lv", "alignprop", "refl")
+#: training methods the planner does not model (their step is not the backprop chain's)
+UNPLANNED_METHODS = ("ddpo", "grpo")
 DEVICES = ("cuda", "cpu")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_BUDGETS_GB = (24.0, 80.0)
@@ -267,6 +269,14 @@ class PlanConfig:
     offline: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.method in UNPLANNED_METHODS:
+            raise ConfigError(
+                f"method={self.method!r}: align plan models the reward-backprop methods ({', '.join(PLAN_METHODS)}), not "
+                "the policy-gradient ones. A ddpo/grpo step holds one CFG-batched denoiser forward+backward of batch_size "
+                "samples (whatever num_steps), a grad-free rollout chunk and decode, and the rollout buffer (2 latents per "
+                "stochastic step and sample of the process's share); `align plan --method draft --truncation-steps 1 "
+                "--no-checkpointing --batch-size B` bounds the step from above, the buffer comes on top"
+            )
         check_choice("method", self.method, PLAN_METHODS)
         if self.num_steps is not None:
             check_range("num_steps", self.num_steps, 1, 1000, integer=True)

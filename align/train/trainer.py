@@ -1,15 +1,20 @@
-"""Reward-backpropagation fine-tuning on accelerate.
+"""Fine-tuning toward a reward on accelerate: one loop for every method.
 
 The same loop runs on one CPU, one GPU, or many GPUs and nodes (``accelerate launch``).  Each
-optimiser step samples a batch with gradients on the method's truncation window
-(:mod:`align.train.backprop`), decodes it (checkpointed VAE), scores it, and minimises the shaped
-reward loss (plus the optional KL-style regulariser) in the LoRA weights.
+trainer step is one optimiser step; how its micro-steps turn into losses is the method family's
+*objective* (:mod:`align.train.objectives`): reward backpropagation samples a batch with gradients
+on the method's truncation window, decodes, scores and minimises the shaped reward loss (DRaFT,
+DRaFT-LV, AlignProp, ReFL); policy gradient trains a PPO-clipped surrogate over stored rollouts
+of a stochastic sampler, scored by any reward, differentiable or not (DDPO, GRPO).  The loop,
+optimiser, learning-rate schedule, mixed precision, EMA, checkpoints, exact resume, metrics,
+sample grids and the held-out monitor are the same for all.
 
-Reproducibility: every sample's prompt and noise come from a seed derived from
-(run seed, step, micro-step, global sample index), so a run resumed from a checkpoint, or split
-over processes, draws exactly what an uninterrupted single-process run draws.  Gradients of the
-trainable parameters are averaged across processes by one flat all-reduce (LoRA weights are
-small), so no DDP wrapper has to see the many model calls of a sampling chain.
+Reproducibility: every sample's prompt and noise come from a seed derived from the run seed and
+the sample's global index, so a run resumed from a checkpoint, or split over processes, draws
+exactly what an uninterrupted single-process run draws; an objective's state (a rollout buffer,
+running statistics) travels in the checkpoint.  Gradients of the trainable parameters are
+averaged across processes by one flat all-reduce (LoRA weights are small), so no DDP wrapper has
+to see the many model calls of a sampling chain.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -32,7 +37,7 @@ from tqdm.auto import tqdm
 
 from align.core.config import save_config, to_dict
 from align.core.errors import AlignError, ConfigError, RewardError, check_choice, check_device, check_range
-from align.core.lora import LoRAConfig, adapters_disabled, add_lora, save_lora, trainable_parameters
+from align.core.lora import LoRAConfig, add_lora, save_lora, trainable_parameters
 from align.core.paths import check_output_dir
 from align.train.checkpoint import (
     CheckpointManager,
@@ -41,7 +46,17 @@ from align.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from align.train.methods import METHODS, AlignPropConfig, DraftConfig, DraftLVConfig, MethodConfig, ReFLConfig
+from align.train.methods import (
+    METHODS,
+    AlignPropConfig,
+    DDPOConfig,
+    DraftConfig,
+    DraftLVConfig,
+    GRPOConfig,
+    MethodConfig,
+    ReFLConfig,
+)
+from align.train.objectives import Objective, make_objective
 
 logger = logging.getLogger("align")
 
@@ -57,20 +72,27 @@ class TrainConfig:
 
     Attributes:
         model: 'builtin' (the tiny shapes model shipped with the package), a local diffusers folder, or a hub id.
-        method: draft (DRaFT / DRaFT-K), draft_lv (DRaFT-LV), alignprop (AlignProp) or refl (ReFL).
+        method: reward backpropagation: draft (DRaFT / DRaFT-K), draft_lv (DRaFT-LV), alignprop (AlignProp), refl
+            (ReFL); policy gradient, for any reward including black-box ones: ddpo (DDPO), grpo (Flow-GRPO, -Fast,
+            GRPO-Guard, DanceGRPO, MixGRPO).
         draft: settings of the draft method.
         draft_lv: settings of the draft_lv method.
         alignprop: settings of the alignprop method.
         refl: settings of the refl method.
-        reward: a reward name (see `align eval --list-rewards`), or {name: weight, ...} for a weighted sum.
+        ddpo: settings of the ddpo method.
+        grpo: settings of the grpo method.
+        reward: a reward name (see `align eval --list-rewards`), or {name: weight, ...} for a weighted sum. Reward
+            backpropagation needs a differentiable reward; ddpo and grpo take any.
         prompts: a named prompt set (shapes, simple_animals), a text file with one prompt per line, or a list.
         negative_prompt: negative prompt for classifier-free guidance.
         lora: LoRA adapter settings.
         output_dir: run folder: LoRA, checkpoints, metrics.jsonl, sample grids, config.yaml.
         seed: run seed; every sample's prompt and noise derive from it.
         max_steps: optimiser steps.
-        batch_size: images per process per micro-step.
-        gradient_accumulation_steps: micro-steps per optimiser step.
+        batch_size: images per process per micro-step (ddpo, grpo: also the chunk a rollout is sampled in).
+        gradient_accumulation_steps: micro-steps per optimiser step (ddpo, grpo: micro-batches of batch_size samples,
+            each trained at every trained step: an optimiser step trains batch_size x gradient_accumulation_steps x
+            processes samples of the current rollout).
         lr_schedule: constant, linear (decay to 0) or cosine; it advances once per optimiser step (skipped steps
             included), whatever the number of processes.
         lr_warmup_steps: linear warm-up steps.
@@ -95,7 +117,8 @@ class TrainConfig:
         report_to: extra trackers through accelerate (tensorboard, wandb) when installed.
         max_nonfinite_steps: stop (with a checkpoint) after this many consecutive steps with a non-finite loss or gradient.
         model_recommendations: apply the settings the model recommends for training (its diffusion_align.json;
-            the built-in model's lr 3e-3, 20 steps, CFG 4) to the fields you did not set; each is printed at start.
+            the built-in model's lr 3e-3, 20 steps, CFG 4; for ddpo / grpo lr 1e-2, 8 CFG-free rollout steps, 16
+            samples per rollout in one optimiser step of 8 x 2) to the fields you did not set; each is printed at start.
         max_dropped_fraction: with a reward in on_invalid='drop' mode, the largest fraction of a micro-batch's samples
             its transient faults (timeouts, unavailable service, non-finite scores) may drop; a micro-batch that
             loses more skips its step and stops the run with a checkpoint. In [0, 1] (1: never stop for drops).
@@ -113,6 +136,8 @@ class TrainConfig:
     draft_lv: DraftLVConfig = field(default_factory=DraftLVConfig)
     alignprop: AlignPropConfig = field(default_factory=AlignPropConfig)
     refl: ReFLConfig = field(default_factory=ReFLConfig)
+    ddpo: DDPOConfig = field(default_factory=DDPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     reward: str | dict[str, Any] = "brightness"
     prompts: str | list[str] = "shapes"
     negative_prompt: str = ""
@@ -149,6 +174,9 @@ class TrainConfig:
     monitor_patience: int = 0
     monitor_tolerance: float = 0.0
 
+    #: the fields holding one method's settings each (model recommendations resolve ``method.`` keys against them)
+    method_sections: ClassVar[tuple[str, ...]] = tuple(METHODS)
+
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
         check_range("seed", self.seed, 0, 2**63 - 1, integer=True)
@@ -182,11 +210,6 @@ class TrainConfig:
     @property
     def method_config(self) -> MethodConfig:
         return getattr(self, self.method)
-
-
-def _sample_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, well mixed (numpy SeedSequence)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def resolve_mixed_precision(mixed_precision: str, device: str) -> str:
@@ -235,15 +258,17 @@ class TrainResult:
 
 
 class Trainer:
-    """Reward-backprop fine-tuning of one model with one method and reward.
+    """Fine-tuning of one model with one method and reward (any method: the objective differs).
 
     ``model`` and ``reward`` may be given pre-built (tests, notebooks); otherwise they are loaded
     from the config.  ``progress``: show a progress bar (a string: the bar's description).  Call
     :meth:`train`.
     """
 
-    #: the dropped fraction of the micro-batch that passed max_dropped_fraction (set by compute_loss)
+    #: the dropped fraction of the samples that passed max_dropped_fraction (set by the objective)
     dropped_over_limit: float | None = None
+    #: how the method turns a micro-step into a loss (set up by :meth:`setup`)
+    objective: Objective
 
     def __init__(self, config: TrainConfig, *, model=None, reward=None, accelerator=None, progress: bool | str = True):
         self.config = config
@@ -315,10 +340,9 @@ class Trainer:
             model.module.disable_gradient_checkpointing()
         self.param_names = _named_trainable(model)
 
-        from rewards import build_reward, require_differentiable
+        from rewards import build_reward
 
         self.reward = self._given_reward if self._given_reward is not None else build_reward(cfg.reward)
-        require_differentiable(self.reward, cfg.method)
         self.reward.to(device)
         # The trainer decides what a failed or non-finite score does: with the reward's default
         # (raise) the whole step is skipped and counted; with on_invalid="drop" only the bad
@@ -337,10 +361,12 @@ class Trainer:
             native = model.default_resolution()
             self.height, self.width = cfg.height or native[0], cfg.width or native[1]
         model.check_resolution(self.height, self.width)
-        self.schedule = model.schedule(
-            self.method.num_steps, sampler=self.method.sampler, eta=self.method.eta, height=self.height, width=self.width
-        )
-        self.policy = self.method.truncation()
+        self.objective = make_objective(self)
+        describe = getattr(self.objective, "describe", None)
+        if describe is not None:
+            logger.info(describe())
+            if self.progress and self.is_main:
+                tqdm.write(describe())
 
         self.optimizer = torch.optim.AdamW(
             self.params, lr=self.method.learning_rate, weight_decay=self.method.weight_decay
@@ -379,90 +405,21 @@ class Trainer:
                 tqdm.write(message)
         return self.config
 
-    # ------------------------------------------------------------------ sampling + loss
-    def _sample_batch(self, step: int, micro: int) -> tuple[list[str], list[torch.Generator]]:
-        """Prompts and per-sample generators of this process's share of the global batch.
+    @property
+    def schedule(self):
+        """The method's sampling schedule (the objective's)."""
+        return self.objective.schedule
 
-        Sample j of optimiser step ``step`` (j counts over micro-steps, then processes, then the
-        batch) always gets the same prompt and noise, so batch 2 x 1 micro-step, batch 1 x 2
-        micro-steps and 2 processes x batch 1 train on the same samples.
-        """
-        cfg = self.config
-        prompts, gens = [], []
-        per_micro = self.num_processes * cfg.batch_size
-        for b in range(cfg.batch_size):
-            j = micro * per_micro + self.rank * cfg.batch_size + b
-            g = torch.Generator().manual_seed(_sample_seed(cfg.seed, step, j))
-            prompts.append(self.prompts[int(torch.randint(len(self.prompts), (), generator=g))])
-            gens.append(g)
-        return prompts, gens
-
-    def _encode(self, prompts: Sequence[str]):
+    # ------------------------------------------------------------------ shared by the objectives
+    def encode(self, prompts: Sequence[str]):
+        """Encode a batch of prompts (with the negative prompt for CFG); with gradients when the text encoder trains."""
         guidance = self.guidance_scale != 1.0
         neg = self.config.negative_prompt or None
-        with torch.set_grad_enabled(self.config.lora.text_encoder):
+        with torch.set_grad_enabled(self.config.lora.text_encoder and torch.is_grad_enabled()):
             return self.model.encode_prompts(
                 prompts, guidance=guidance, negative_prompt=neg, height=self.height, width=self.width,
                 max_sequence_length=self.config.max_sequence_length,
             )
-
-    def compute_loss(self, step: int, micro: int) -> tuple[Tensor, dict[str, float]]:
-        """Sample one micro-batch with gradients and return (loss, metrics)."""
-        from align.train.backprop import sample_with_grad
-
-        cfg, method, model = self.config, self.method, self.model
-        prompts, gens = self._sample_batch(step, micro)
-        # one truncation plan per micro-batch, the same on every process
-        plan_seed = _sample_seed(cfg.seed, step, 2**31 + micro)
-        plan = self.policy.plan(self.schedule.num_steps, torch.Generator().manual_seed(plan_seed))
-        pc = self._encode(prompts)
-        # the sampling state stays float32; only the denoiser's input is cast to the model dtype
-        x_T = self.schedule.initial_noise(model.latent_shape(len(prompts), self.height, self.width), gens, model.device)
-        reference = None
-        if method.kl_weight > 0:
-            def reference(x, t, c):
-                with adapters_disabled(model):
-                    return model.denoiser(x, t, c)
-        with self.accelerator.autocast():
-            result = sample_with_grad(
-                model.denoiser, self.schedule, x_T, pc.cond, pc.uncond, self.guidance_scale, plan,
-                generator=gens, gradient_checkpointing=cfg.gradient_checkpointing,
-                detach_denoiser_input=method.detach_denoiser_input, reference_denoiser=reference,
-                model_dtype=model.dtype,
-            )
-            images = model.decode(result.latents, gradient_checkpointing=cfg.gradient_checkpointing)
-        copies = result.latents.shape[0] // len(prompts)
-        self.reward.train()  # running reward normalisation updates its statistics in train mode only
-        scored = self.reward.score(images.float(), list(prompts) * copies)
-        # A reward's bug (RewardCrash) has propagated by now and stops the run; only its transient
-        # faults reach this point, as invalid samples.
-        valid = scored.valid
-        dropped_fraction = float((~valid).sum()) / valid.numel()
-        if self.drop_invalid_samples and dropped_fraction > cfg.max_dropped_fraction:
-            self.dropped_over_limit = dropped_fraction  # train() stops the run after this (skipped) step
-        per_sample = method.reward_loss(scored.scores)
-        if bool(valid.any()) and self.dropped_over_limit is None and (self.drop_invalid_samples or bool(valid.all())):
-            loss = per_sample[valid].mean()
-        else:
-            loss = per_sample.new_tensor(float("nan"))  # the step is skipped and counted
-        if method.kl_weight > 0:
-            loss = loss + method.kl_weight * result.regularizer
-        rewards = scored.scores.detach()[valid]
-        metrics = {
-            "reward_mean": float(rewards.mean()) if rewards.numel() else float("nan"),
-            "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-            "grad_steps": plan.grad_steps,
-            "invalid_samples": int((~valid).sum()),
-            "reward/dropped_fraction": dropped_fraction,
-        }
-        for key, values in scored.info.items():
-            v = values.detach().float()[valid]
-            if v.numel():
-                metrics[f"reward/{key}_mean"] = float(v.mean())
-                metrics[f"reward/{key}_std"] = float(v.std()) if v.numel() > 1 else 0.0
-        if method.kl_weight > 0:
-            metrics["kl_regularizer"] = float(result.regularizer.detach())
-        return loss, metrics
 
     # ------------------------------------------------------------------ one optimiser step
     def _all_reduce_grads(self) -> None:
@@ -494,15 +451,16 @@ class Trainer:
         agg: dict[str, list[float]] = {}
         bad = False
         losses = []
-        for micro in range(cfg.gradient_accumulation_steps):
-            loss, metrics = self.compute_loss(step, micro)
+        micro_steps = self.objective.micro_steps(step)
+        for micro in range(micro_steps):
+            loss, metrics = self.objective.loss(step, micro)
             for k, v in metrics.items():
                 agg.setdefault(k, []).append(v)
             finite = bool(torch.isfinite(loss.detach()))
             if self._any_process(not finite):
                 bad = True
                 break
-            acc.backward(loss / cfg.gradient_accumulation_steps)
+            acc.backward(loss / micro_steps)
             losses.append(float(loss.detach()))
         grad_norm = float("nan")
         skipped = bad
@@ -556,6 +514,8 @@ class Trainer:
         if self.is_main:
             extra = {f"ema.{n}": e for n, e in zip(self.param_names, self.ema)} if self.ema is not None else {}
             extra.update({f"reward.{k}": v for k, v in _reward_state(self.reward).items()})
+            objective_tensors, objective_state = self.objective.state_dict()
+            extra.update({f"objective.{k}": v for k, v in objective_tensors.items()})
             path = self.checkpoints.save(
                 self.step,
                 self._trainable_state(),
@@ -570,6 +530,7 @@ class Trainer:
                     "monitor_strikes": self.monitor_strikes,
                     "method": self.config.method,
                     "model": self.config.model,
+                    "objective": objective_state,
                 },
             )
         self.accelerator.wait_for_everyone()
@@ -597,6 +558,8 @@ class Trainer:
         reward_state = {k[len("reward.") :]: v for k, v in ckpt.extra.items() if k.startswith("reward.")}
         if reward_state:
             self.reward.load_state_dict(reward_state, strict=False)
+        objective_tensors = {k[len("objective.") :]: v for k, v in ckpt.extra.items() if k.startswith("objective.")}
+        self.objective.load_state_dict(objective_tensors, ckpt.state.get("objective") or {})
         if ckpt.optimizer is not None:
             self.optimizer.load_state_dict(ckpt.optimizer)
         if ckpt.lr_scheduler is not None:
@@ -634,12 +597,11 @@ class Trainer:
     def evaluation_images(self, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
         from align.steer.generate import generate
 
-        m = self.method
         with _swapped(self.params, self.ema):
             return generate(
-                self.model, prompts, seeds, num_steps=m.num_steps, guidance_scale=self.guidance_scale, sampler=m.sampler,
-                eta=m.eta, height=self.height, width=self.width, negative_prompt=self.config.negative_prompt or None,
-                max_sequence_length=self.config.max_sequence_length,
+                self.model, prompts, seeds, guidance_scale=self.guidance_scale, height=self.height, width=self.width,
+                negative_prompt=self.config.negative_prompt or None, max_sequence_length=self.config.max_sequence_length,
+                **self.method.evaluation_sampling(self.model.is_flow),
             )
 
     def _sample_grid(self, tag: str) -> dict[str, float]:

@@ -1,8 +1,15 @@
-"""Reward-backpropagation methods: one config dataclass (with the paper's defaults) per method."""
+"""Training methods: one config dataclass (with the paper's defaults) per method.
+
+Reward backpropagation (:class:`BackpropConfig`): draft, draft_lv, alignprop, refl.
+Policy gradient (:class:`PolicyGradientConfig`): ddpo, grpo (Flow-GRPO and its variants).
+"""
 
 from align.train.methods.alignprop import AlignPropConfig
-from align.train.methods.base import MethodConfig
+from align.train.methods.base import BackpropConfig, MethodConfig
+from align.train.methods.ddpo import DDPOConfig
 from align.train.methods.draft import DraftConfig, DraftLVConfig
+from align.train.methods.grpo import GRPOConfig
+from align.train.methods.policy_gradient import PolicyGradientConfig
 from align.train.methods.refl import ReFLConfig
 
 #: method name -> config class
@@ -11,6 +18,11 @@ METHODS: dict[str, type[MethodConfig]] = {
     "draft_lv": DraftLVConfig,
     "alignprop": AlignPropConfig,
     "refl": ReFLConfig,
+    "ddpo": DDPOConfig,
+    "grpo": GRPOConfig,
 }
 
-__all__ = ["METHODS", "AlignPropConfig", "DraftConfig", "DraftLVConfig", "MethodConfig", "ReFLConfig"]
+__all__ = [
+    "METHODS", "AlignPropConfig", "BackpropConfig", "DDPOConfig", "DraftConfig", "DraftLVConfig", "GRPOConfig",
+    "MethodConfig", "PolicyGradientConfig", "ReFLConfig",
+]

@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from align.train.methods.base import MethodConfig
+from align.train.methods.base import BackpropConfig
 from align.train.truncation import RandomCutoff, TruncationPolicy
 
 
 @dataclass
-class AlignPropConfig(MethodConfig):
+class AlignPropConfig(BackpropConfig):
     """AlignProp.
 
     Attributes:

@@ -1,9 +1,17 @@
-"""Settings shared by every reward-backpropagation method, and the reward-to-loss shaping."""
+"""Settings shared by every training method, and those shared by the reward-backpropagation methods.
+
+:class:`MethodConfig` holds what every method has (sampling, optimiser, the regulariser toward the
+frozen model); each method family adds its own base: :class:`BackpropConfig` (the loss shaping
+and truncation window of reward backpropagation) and
+:class:`align.train.methods.policy_gradient.PolicyGradientConfig` (rollouts, advantages, the
+clipped surrogate).  A family's ``objective`` names the trainer objective that turns a batch into
+a loss (:mod:`align.train.objectives`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -17,10 +25,10 @@ LOSSES = ("negative", "hinge", "target")
 
 @dataclass
 class MethodConfig:
-    """Sampling, optimisation and loss settings common to all reward-backprop methods.
+    """Sampling and optimisation settings common to all training methods.
 
     Attributes:
-        num_steps: sampling steps T of the chain that is differentiated through.
+        num_steps: sampling steps T of the chain (the chain that is differentiated through, or the rollouts).
         guidance_scale: classifier-free guidance scale while sampling (1 disables CFG). Not used by
             guidance-distilled models (FLUX-dev) unless true_cfg is set.
         distilled_guidance: the guidance value a guidance-distilled model (FLUX-dev) embeds (diffusers'
@@ -32,14 +40,10 @@ class MethodConfig:
         learning_rate: AdamW learning rate.
         weight_decay: AdamW weight decay.
         max_grad_norm: gradient clipping norm (0 disables clipping).
-        loss: how the reward becomes a loss: "negative" (-scale * r), "hinge" (scale * relu(target - r), ReFL),
-            or "target" (scale * |r - target|, AlignProp's aesthetic loss).
-        loss_target: the target of the "hinge" and "target" losses.
-        loss_scale: multiplies the loss.
-        kl_weight: weight of the KL-style regulariser: mean squared difference between the trained and the
-            frozen model's predictions over the grad-enabled steps (DRaFT+); needs LoRA.
-        detach_denoiser_input: stop the gradient at the denoiser's input, keeping it through the scheduler
-            update (DRTune).
+        kl_weight: weight of the regulariser toward the frozen model (the LoRA switched off; needs LoRA).
+            Backprop methods: the mean squared difference of the trained and frozen predictions over the
+            grad-enabled steps (DRaFT+). Policy-gradient methods: the closed-form KL between the two Gaussian
+            transitions of each trained step, per latent dimension.
     """
 
     num_steps: int = 50
@@ -51,11 +55,7 @@ class MethodConfig:
     learning_rate: float = 2e-4
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0
-    loss: str = "negative"
-    loss_target: float = 0.0
-    loss_scale: float = 1.0
     kl_weight: float = 0.0
-    detach_denoiser_input: bool = False
 
     def __post_init__(self) -> None:
         check_range("num_steps", self.num_steps, 1, 1000, integer=True)
@@ -65,12 +65,45 @@ class MethodConfig:
         check_range("learning_rate", self.learning_rate, 0.0, 1.0, low_inclusive=False)
         check_range("weight_decay", self.weight_decay, 0.0, None)
         check_range("max_grad_norm", self.max_grad_norm, 0.0, None)
-        check_choice("loss", self.loss, LOSSES)
-        check_range("loss_scale", self.loss_scale, 0.0, None, low_inclusive=False)
         check_range("kl_weight", self.kl_weight, 0.0, None)
 
     # -- what each method defines ------------------------------------------------------------
     name: ClassVar[str] = "method"
+    #: the trainer objective of the method's family: "backprop" or "policy_gradient"
+    objective: ClassVar[str] = "backprop"
+    #: whether the method backpropagates the reward into the model (then the reward must be differentiable)
+    needs_reward_gradient: ClassVar[bool] = True
+
+    def evaluation_sampling(self, flow: bool = False) -> dict[str, Any]:
+        """How the trainer samples its fixed-seed grids and the monitor (``generate`` keyword arguments) on a
+        flow-matching model (``flow``) or a UNet model."""
+        return {"num_steps": self.num_steps, "sampler": self.sampler, "eta": self.eta}
+
+
+@dataclass
+class BackpropConfig(MethodConfig):
+    """Loss shaping and gradient options common to the reward-backprop methods.
+
+    Attributes:
+        loss: how the reward becomes a loss: "negative" (-scale * r), "hinge" (scale * relu(target - r), ReFL),
+            or "target" (scale * |r - target|, AlignProp's aesthetic loss).
+        loss_target: the target of the "hinge" and "target" losses.
+        loss_scale: multiplies the loss.
+        detach_denoiser_input: stop the gradient at the denoiser's input, keeping it through the scheduler
+            update (DRTune).
+    """
+
+    loss: str = "negative"
+    loss_target: float = 0.0
+    loss_scale: float = 1.0
+    detach_denoiser_input: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("loss", self.loss, LOSSES)
+        check_range("loss_scale", self.loss_scale, 0.0, None, low_inclusive=False)
+
+    objective: ClassVar[str] = "backprop"
 
     def truncation(self) -> TruncationPolicy:  # pragma: no cover - every method overrides
         raise NotImplementedError

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from align.core.errors import ConfigError, check_range
-from align.train.methods.base import MethodConfig
+from align.train.methods.base import BackpropConfig
 from align.train.truncation import FullChain, LastK, LowVarianceLastStep, TruncationPolicy
 
 
 @dataclass
-class DraftConfig(MethodConfig):
+class DraftConfig(BackpropConfig):
     """DRaFT / DRaFT-K.
 
     Attributes:
@@ -44,7 +44,7 @@ class DraftConfig(MethodConfig):
 
 
 @dataclass
-class DraftLVConfig(MethodConfig):
+class DraftLVConfig(BackpropConfig):
     """DRaFT-LV: K = 1 with ``lv_copies`` re-noised copies of the final sample.
 
     Attributes:

@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from align.train.methods.base import MethodConfig
+from align.train.methods.base import BackpropConfig
 from align.train.truncation import RandomLateStep, TruncationPolicy
 
 
 @dataclass
-class ReFLConfig(MethodConfig):
+class ReFLConfig(BackpropConfig):
     """ReFL.
 
     Attributes:

@@ -1,0 +1,32 @@
+"""Trainer objectives: one per method family, chosen by the method config's ``objective``.
+
+* ``backprop`` (:class:`BackpropObjective`): sample with gradients through the truncation window,
+  decode, score with a differentiable reward, shaped reward loss (DRaFT, DRaFT-LV, AlignProp, ReFL).
+* ``policy_gradient`` (:class:`PolicyGradientObjective`): collect rollouts with a stochastic
+  sampler, score them with any reward, PPO-clipped surrogate over the stored transitions (DDPO, GRPO).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from align.train.objectives.backprop import BackpropObjective
+from align.train.objectives.base import Objective
+from align.train.objectives.policy_gradient import PolicyGradientObjective
+
+if TYPE_CHECKING:  # pragma: no cover
+    from align.train.trainer import Trainer
+
+#: objective name (a method config's ``objective``) -> class
+OBJECTIVES: dict[str, type[Objective]] = {
+    "backprop": BackpropObjective,
+    "policy_gradient": PolicyGradientObjective,
+}
+
+
+def make_objective(trainer: Trainer) -> Objective:
+    """The objective of the trainer's method."""
+    return OBJECTIVES[trainer.method.objective](trainer)
+
+
+__all__ = ["OBJECTIVES", "BackpropObjective", "Objective", "PolicyGradientObjective", "make_objective"]
