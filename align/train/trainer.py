@@ -50,6 +50,7 @@ from align.train.methods import (
     METHODS,
     AlignPropConfig,
     DDPOConfig,
+    DiffusionDPOConfig,
     DiffusionNFTConfig,
     DraftConfig,
     DraftLVConfig,
@@ -85,6 +86,7 @@ class TrainConfig:
         ddpo: settings of the ddpo method.
         grpo: settings of the grpo method.
         diffusion_nft: settings of the diffusion_nft method.
+        diffusion_dpo: settings of the diffusion_dpo method.
         reward: a reward name (see `align eval --list-rewards`), or {name: weight, ...} for a weighted sum. Reward
             backpropagation needs a differentiable reward; ddpo and grpo take any.
         prompts: a named prompt set (shapes, simple_animals), a text file with one prompt per line, or a list.
@@ -143,6 +145,7 @@ class TrainConfig:
     ddpo: DDPOConfig = field(default_factory=DDPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     diffusion_nft: DiffusionNFTConfig = field(default_factory=DiffusionNFTConfig)
+    diffusion_dpo: DiffusionDPOConfig = field(default_factory=DiffusionDPOConfig)
     reward: str | dict[str, Any] = "brightness"
     prompts: str | list[str] = "shapes"
     negative_prompt: str = ""

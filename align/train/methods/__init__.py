@@ -24,6 +24,7 @@ METHODS: dict[str, type[MethodConfig]] = {
     "ddpo": DDPOConfig,
     "grpo": GRPOConfig,
     "diffusion_nft": DiffusionNFTConfig,
+    "diffusion_dpo": DiffusionDPOConfig,
 }
 
 __all__ = [

@@ -6,6 +6,8 @@
   sampler, score them with any reward, PPO-clipped surrogate over the stored transitions (DDPO, GRPO).
 * ``diffusion_nft`` (:class:`DiffusionNFTObjective`): rollouts of the old policy (same machinery), then
   the implicit positive / negative policies regressed onto the clean samples on the forward process.
+* ``diffusion_dpo`` (:class:`DiffusionDPOObjective`): preference pairs (an offline data set, or the
+  model's own samples ranked by a reward), the DPO loss against the frozen model.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from align.train.objectives.backprop import BackpropObjective
 from align.train.objectives.base import Objective
+from align.train.objectives.dpo import DiffusionDPOObjective
 from align.train.objectives.nft import DiffusionNFTObjective
 from align.train.objectives.policy_gradient import PolicyGradientObjective
 
@@ -25,6 +28,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "backprop": BackpropObjective,
     "policy_gradient": PolicyGradientObjective,
     "diffusion_nft": DiffusionNFTObjective,
+    "diffusion_dpo": DiffusionDPOObjective,
 }
 
 
@@ -33,4 +37,4 @@ def make_objective(trainer: Trainer) -> Objective:
     return OBJECTIVES[trainer.method.objective](trainer)
 
 
-__all__ = ["OBJECTIVES", "BackpropObjective", "DiffusionNFTObjective", "Objective", "PolicyGradientObjective", "make_objective"]
+__all__ = ["OBJECTIVES", "BackpropObjective", "DiffusionDPOObjective", "DiffusionNFTObjective", "Objective", "PolicyGradientObjective", "make_objective"]

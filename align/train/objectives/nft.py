@@ -37,7 +37,6 @@ from align.core.sampling import randn
 from align.train.nft import nft_loss, optimality_probability, soft_update_
 from align.train.objectives.policy_gradient import PolicyGradientObjective, RolloutBuffer
 from align.train.rollout import step_outputs
-from align.train.stochastic_steps import AllSteps
 
 #: seed parts of the forward process's draws (after the rollout's own, see objectives/policy_gradient.py)
 _LEVELS, _FORWARD_NOISE = 101, 102
@@ -51,22 +50,13 @@ class DiffusionNFTObjective(PolicyGradientObjective):
     def __init__(self, trainer):  # noqa: D107 - the sizes of a rollout, then the old policy's weights
         super(PolicyGradientObjective, self).__init__(trainer)
         t, m, cfg, model = trainer, trainer.method, trainer.config, trainer.model
-        self.method = m
-        self.schedule = self.base = model.schedule(m.num_steps, sampler=m.sampler, eta=m.eta, height=t.height,
-                                                   width=t.width)
-        self.policy = AllSteps()
-        self.candidates = ()
-        self.num_stochastic = 0
-        self.trained_steps = m.trained_steps
-        self.rollout_size = m.rollout_size
-        self.group_size = m.group_size
-        self.steps_per_rollout = m.optimizer_steps_per_rollout
+        schedule = model.schedule(m.num_steps, sampler=m.sampler, eta=m.eta, height=t.height, width=t.width)
         per_pass = cfg.batch_size * t.num_processes
-        if self.rollout_size % (per_pass * self.steps_per_rollout):
+        if m.rollout_size % (per_pass * m.optimizer_steps_per_rollout):
             raise ConfigError(
-                f"{m.name}: a rollout of {self.rollout_size} samples (group_size x rollout_prompts) does not split "
-                f"into {self.steps_per_rollout} optimiser step(s) of micro-batches of batch_size x processes = "
-                f"{cfg.batch_size} x {t.num_processes}; choose sizes whose product divides {self.rollout_size}"
+                f"{m.name}: a rollout of {m.rollout_size} samples (group_size x rollout_prompts) does not split "
+                f"into {m.optimizer_steps_per_rollout} optimiser step(s) of micro-batches of batch_size x processes "
+                f"= {cfg.batch_size} x {t.num_processes}; choose sizes whose product divides {m.rollout_size}"
             )
         if cfg.gradient_accumulation_steps != 1:
             raise ConfigError(
@@ -74,15 +64,9 @@ class DiffusionNFTObjective(PolicyGradientObjective):
                 "optimiser step takes its share of the rollout (rollout size / optimizer_steps_per_rollout) in "
                 "micro-batches of batch_size; accepted: 1"
             )
-        self.micro_batches = self.rollout_size // (per_pass * self.steps_per_rollout)
-        self.minibatch = per_pass * self.micro_batches
-        self.minibatches = self.steps_per_rollout
-        self.positions = [p for p in range(self.rollout_size) if (p // cfg.batch_size) % t.num_processes == t.rank]
-        self.tracker = None
-        self.buffer: RolloutBuffer | None = None
-        self._schedules = {}
-        self._cond_key = self._cond = None
-        self._executor = None
+        micro_batches = m.rollout_size // (per_pass * m.optimizer_steps_per_rollout)
+        self._init_clean_rollouts(schedule, m.rollout_size, m.group_size, m.optimizer_steps_per_rollout, micro_batches)
+        self.trained_steps = m.trained_steps
         # the old policy: a copy of the trainable parameters, and the last rollout it was brought up to date for
         self.old = [p.detach().clone() for p in t.params]
         self.old_rollout = 0

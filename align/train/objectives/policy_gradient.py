@@ -80,11 +80,13 @@ class RolloutBuffer:
     advantages: Tensor
     means: Tensor | None = None
     x0: Tensor | None = None  # the chains' outputs [n, ...], kept on request (DiffusionNFT trains on them)
+    rewards: Tensor | None = None  # every reward of the rollout (all processes) by sample id [R] (online DPO pairs them)
+    reward_valid: Tensor | None = None  # [R]
     failed: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)  # of the collection (logged once, not checkpointed)
 
-    _TENSORS = ("sample_ids", "x_in", "x_next", "log_probs", "advantages", "means", "x0")
+    _TENSORS = ("sample_ids", "x_in", "x_next", "log_probs", "advantages", "means", "x0", "rewards", "reward_valid")
 
     def tensors(self) -> dict[str, Tensor]:
         return {k: getattr(self, k) for k in self._TENSORS if getattr(self, k) is not None}
@@ -163,6 +165,27 @@ class PolicyGradientObjective(Objective):
         self._cond_key: tuple | None = None
         self._cond = None
         self._executor: ThreadPoolExecutor | None = None
+
+    def _init_clean_rollouts(self, schedule: SamplingSchedule, rollout_size: int, group_size: int,
+                             steps_per_rollout: int, micro_batches: int) -> None:
+        """The rollout layout of an objective that trains on the clean samples only (no sampler step is trained:
+        DiffusionNFT, online Diffusion-DPO): any ``schedule``, deterministic or not, and no stochastic-step policy."""
+        t = self.trainer
+        self.method = t.method
+        self.schedule = self.base = schedule
+        self.policy = AllSteps()
+        self.candidates = ()
+        self.num_stochastic = 0
+        self.rollout_size, self.group_size = rollout_size, group_size
+        self.steps_per_rollout, self.micro_batches = steps_per_rollout, micro_batches
+        self.minibatches = steps_per_rollout
+        self.minibatch = t.config.batch_size * t.num_processes * micro_batches
+        self.positions = [p for p in range(rollout_size) if (p // t.config.batch_size) % t.num_processes == t.rank]
+        self.tracker = None
+        self.buffer = None
+        self._schedules = {}
+        self._cond_key = self._cond = None
+        self._executor = None
 
     def describe(self) -> str:
         """What one rollout trains, in words (printed when training starts)."""
@@ -300,7 +323,7 @@ class PolicyGradientObjective(Objective):
             log_probs=cat([tr.log_probs for tr in trajectories]).cpu(), advantages=advantages[ids].clone(),
             means=cat([tr.means for tr in trajectories]).cpu() if self.keeps_means else None,
             x0=cat([tr.x0 for tr in trajectories]).cpu() if self.keeps_x0 else None,
-            failed=failed, metrics=metrics,
+            rewards=glob_scores.clone(), reward_valid=glob_valid.clone(), failed=failed, metrics=metrics,
             timing={"rollout/sampling_s": sampled - start, "rollout/reward_wait_s": waited,
                     "rollout/reward_busy_s": busy[0]},
         )
