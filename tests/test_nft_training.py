@@ -145,3 +145,15 @@ def test_bad_nft_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert code == 2, err
     assert message in err and "Traceback" not in err
     assert err.strip().count("\n") == 0, err
+
+
+@pytest.mark.parametrize("method", ["diffusion_nft", "diffusion_dpo"])
+def test_plan_says_it_does_not_model_them_and_help_lists_them(capsys, method):
+    code = main(["plan", "--method", method])
+    err = capsys.readouterr().err
+    assert code == 2 and f"method={method!r}: align plan models the reward-backprop methods" in err
+    assert "one more copy of the trained weights" in err and err.strip().count("\n") == 0
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert f"method={method}" in out and f"  {method}: settings of the {method} method." in out and f"  {method}.beta" in out
