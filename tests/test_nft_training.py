@@ -157,3 +157,18 @@ def test_plan_says_it_does_not_model_them_and_help_lists_them(capsys, method):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert f"method={method}" in out and f"  {method}: settings of the {method} method." in out and f"  {method}.beta" in out
+
+
+BUILTIN_PROMPTS = ["a red circle on a blue background", "a yellow square on a black background",
+                   "a green triangle on a white background", "a cyan circle on a purple background"]
+
+
+@pytest.mark.slow
+def test_nft_raises_a_black_box_reward_of_the_builtin_model(tmp_path):
+    """DiffusionNFT against JPEG compressibility (no gradient) on the built-in model, 8 deterministic DDIM steps,
+    16 samples per rollout, 20 optimiser steps: 6.3x the seed spread measured (7.0x at 40 steps and lr 1e-2). About
+    2 minutes on 2 shared cores."""
+    gain, spread = _rise(tmp_path, "builtin", "jpeg_compressibility",
+                         {"group_size": 8, "rollout_prompts": 2, "num_steps": 8, "learning_rate": 2e-2}, 20,
+                         prompts=BUILTIN_PROMPTS)
+    assert gain > 3 * spread
