@@ -225,6 +225,8 @@ class DiffusionDPOObjective(PolicyGradientObjective):
         if m.online:
             buf = self._online(step)
             metrics.update(buf.metrics)
+            if micro == 0:
+                metrics.update(buf.timing)
             if buf.failed:
                 return torch.tensor(float("nan")), metrics
             x0_w, x0_l, captions, slots = self._online_batch(step, micro)
