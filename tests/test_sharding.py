@@ -1,0 +1,291 @@
+"""Sharded full fine-tuning (FSDP2 over gloo on the CPU), its checkpoints, and runs that cannot hang.
+
+One torchrun launch of two processes runs every FSDP check (starting processes is the slow part):
+reward backprop with EMA, a stop-and-resume of the same run, and GRPO; one plain process with the
+same global batch runs the references.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.builtin.testing import tiny_pipeline
+from align.core.config import from_dict
+from align.core.errors import ConfigError
+from align.train.sharding import FSDPSettings, resolve_sharding, wrap_units
+from align.train.trainer import TrainConfig
+
+PROMPTS = ["a red circle", "a blue square"]
+
+DRIVER = textwrap.dedent(
+    """
+    import json, sys
+    from safetensors.torch import save_file
+    from align.core.config import from_dict
+    from align.train.sharding import full_tensor
+    from align.train.trainer import TrainConfig, Trainer
+
+    def weights(trainer):
+        full = {n: full_tensor(p.detach()).contiguous() for n, p in zip(trainer.param_names, trainer.params)}
+        if trainer.ema is not None:
+            full.update({f"ema.{n}": full_tensor(e).contiguous() for n, e in zip(trainer.param_names, trainer.ema)})
+        return full
+
+    for name, config in json.loads(sys.argv[1]).items():
+        trainer = Trainer(from_dict(TrainConfig, config), progress=False)
+        trainer.train()
+        final = weights(trainer)  # a collective under FSDP: every process gathers
+        if trainer.is_main:
+            save_file(final, f"{sys.argv[2]}/{name}.safetensors")
+            with open(f"{sys.argv[2]}/{name}.json", "w") as fh:
+                json.dump({"sharding": trainer.sharding, "processes": trainer.num_processes}, fh)
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _runs(tmp_path, model: str, batch_size: int, out: str) -> dict:
+    base = {
+        "model": model, "device": "cpu", "prompts": PROMPTS, "sample_every": 0, "num_samples": 2,
+        "lora": {"enabled": False}, "sharding": "fsdp", "batch_size": batch_size,
+    }
+    draft = {**base, "method": "draft", "ema_decay": 0.5, "checkpoint_every": 2,
+             "draft": {"num_steps": 3, "learning_rate": 1e-3, "guidance_scale": 3.0}}
+    grpo = {**base, "method": "grpo", "reward": "jpeg_compressibility", "checkpoint_every": 0,
+            "grpo": {"num_steps": 3, "eval_num_steps": 3, "learning_rate": 1e-3, "group_size": 2,
+                     "rollout_prompts": 2}}
+    return {
+        "draft": {**draft, "max_steps": 4, "output_dir": str(tmp_path / out / "draft")},
+        # the same run stopped after 2 steps, then resumed from its checkpoint to 4
+        "draft_half": {**draft, "max_steps": 2, "output_dir": str(tmp_path / out / "resumed")},
+        "draft_resumed": {**draft, "max_steps": 4, "resume": "latest", "output_dir": str(tmp_path / out / "resumed")},
+        "grpo": {**grpo, "max_steps": 2, "output_dir": str(tmp_path / out / "grpo")},
+    }
+
+
+def _norm(tensors: dict[str, torch.Tensor]) -> float:
+    """The L2 norm of all the tensors together."""
+    return float(torch.cat([t.flatten() for t in tensors.values()]).norm())
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    """Every run on two FSDP processes (torchrun, gloo) with batch 1 each and on one plain process with batch 2."""
+    tmp_path = tmp_path_factory.mktemp("fsdp")
+    tiny_pipeline("sd").save_pretrained(tmp_path / "model")
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    model = str(tmp_path / "model")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(script), json.dumps(_runs(tmp_path, model, 1, "two")), str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert two.returncode == 0, two.stderr[-4000:]
+    one = subprocess.run(
+        [sys.executable, str(script), json.dumps(_runs(tmp_path, model, 2, "one")), str(tmp_path / "one")],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert one.returncode == 0, one.stderr[-4000:]
+    return tmp_path
+
+
+def _load(root, run: str) -> dict[str, torch.Tensor]:
+    return load_file(root / f"{run}.safetensors")
+
+
+def test_two_fsdp_processes_train_what_one_plain_process_trains(fsdp_runs):
+    two, one = fsdp_runs / "two", fsdp_runs / "one"
+    assert json.loads((two / "draft.json").read_text()) == {"sharding": "fsdp", "processes": 2}
+    assert json.loads((one / "draft.json").read_text()) == {"sharding": "none", "processes": 1}  # one: unsharded
+    initial = load_file(fsdp_runs / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    for run in ("draft", "grpo"):
+        got, want = _load(two, run), _load(one, run)
+        assert got.keys() == want.keys()
+        trained = [k for k in want if not k.startswith("ema.")]
+        moved = _norm({k: want[k] - initial[k.removeprefix("denoiser.")] for k in trained})
+        apart = _norm({k: got[k] - want[k] for k in want}) / moved
+        # equal up to float32 summation order (a reduce-scatter instead of one batch), which Adam amplifies on
+        # weights whose gradient is near zero (2e-4 of the update measured for GRPO, 5e-6 for DRaFT); other
+        # samples, or a gradient not reduced, would differ by O(1) of the update
+        assert moved > 0.1 and apart < 1e-3, (run, moved, apart)
+
+
+def test_fsdp_resume_is_exact_and_the_checkpoint_holds_full_weights(fsdp_runs):
+    two = fsdp_runs / "two"
+    straight, resumed = _load(two, "draft"), _load(two, "draft_resumed")
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k  # weights and EMA, bitwise
+    ckpt = two / "draft" / "checkpoints" / "step-00000004"
+    saved = load_file(ckpt / "trainable.safetensors")
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in straight.items() if not k.startswith("ema.")}
+    for k, v in saved.items():
+        assert torch.equal(v, straight[k]), k  # the full (gathered) weights, not a shard
+    optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert set(optimizer["state"]) == {k.removeprefix("denoiser.") for k in saved}  # full state, keyed by name
+    assert json.loads((ckpt / "state.json").read_text())["sharding"] == "fsdp"
+
+
+def test_fsdp_saves_the_full_denoiser_in_diffusers_format(fsdp_runs):
+    from diffusers import UNet2DConditionModel
+
+    for side in ("two", "one"):
+        unet = UNet2DConditionModel.from_pretrained(fsdp_runs / side / "draft" / "unet")
+        ema = {k.removeprefix("ema.denoiser."): v for k, v in _load(fsdp_runs / side, "draft").items()
+               if k.startswith("ema.")}
+        for k, v in unet.state_dict().items():
+            assert torch.equal(v, ema[k]), (side, k)  # the saved denoiser is the EMA
+
+
+# ---------------------------------------------------------------------------------------------- no hangs
+
+HANG_DRIVER = textwrap.dedent(
+    """
+    import os, sys, time
+    from align.core.config import from_dict
+    from align.train.trainer import TrainConfig, Trainer
+    import json
+
+    trainer = Trainer(from_dict(TrainConfig, json.loads(sys.argv[1])), progress=False)
+    trainer.setup()
+    step = trainer.train_step
+    def stalling_step():
+        if trainer.rank == 1 and trainer.step == 1:
+            open(sys.argv[2], "w").close()
+            time.sleep(3600)  # stalls (the test then stops or kills it)
+        return step()
+    trainer.train_step = stalling_step
+    trainer.train()
+    """
+)
+
+
+@pytest.mark.parametrize("fate", ["killed", "hung"])
+def test_a_dead_or_hung_process_stops_the_others_within_the_timeout(tmp_path, fate):
+    """Rank 1 stalls at step 2 and is then killed (SIGKILL) or left hanging (SIGSTOP): rank 0, waiting in a
+    collective, exits with an error naming distributed_timeout_s instead of waiting forever."""
+    tiny_pipeline("sd").save_pretrained(tmp_path / "model")
+    timeout = 8
+    config = {
+        "model": str(tmp_path / "model"), "device": "cpu", "prompts": PROMPTS, "sample_every": 0, "num_samples": 1,
+        "checkpoint_every": 0, "max_steps": 4, "batch_size": 1, "lora": {"enabled": False}, "sharding": "fsdp",
+        "distributed_timeout_s": timeout, "output_dir": str(tmp_path / "run"), "draft": {"num_steps": 2},
+    }
+    script = tmp_path / "driver.py"
+    script.write_text(HANG_DRIVER)
+    marker = tmp_path / "rank1-stalled"
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(script), json.dumps(config), str(marker)], env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        ))
+    rank0, rank1 = procs
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert rank0.poll() is None and rank1.poll() is None, rank0.stderr.read()[-3000:] if rank0.poll() else ""
+            assert time.monotonic() < deadline, "rank 1 never reached step 2"
+            time.sleep(0.2)
+        stalled = time.monotonic()
+        os.kill(rank1.pid, signal.SIGKILL if fate == "killed" else signal.SIGSTOP)
+        _, err = rank0.communicate(timeout=timeout + 60)
+        waited = time.monotonic() - stalled
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+    assert rank0.returncode not in (0, None)
+    assert "distributed_timeout_s" in err, err[-3000:]
+    if fate == "hung":  # nothing tells rank 0 that its peer is gone: only the timeout ends the wait
+        assert timeout - 1 <= waited <= timeout + 45, waited
+    else:
+        assert waited <= timeout + 45, waited
+
+
+# ---------------------------------------------------------------------------------------------- selection
+
+
+def test_sharding_follows_the_launch_and_lora_keeps_its_light_path():
+    assert resolve_sharding("auto", "FSDP", 8, lora_enabled=False) == "fsdp"
+    assert resolve_sharding("auto", "DEEPSPEED", 8, lora_enabled=False) == "deepspeed"
+    assert resolve_sharding("auto", "MULTI_GPU", 8, lora_enabled=False) == "none"
+    assert resolve_sharding("auto", "FSDP", 8, lora_enabled=True) == "none"  # LoRA: one all-reduce
+    assert resolve_sharding("fsdp", "MULTI_CPU", 2, lora_enabled=False) == "fsdp"
+    assert resolve_sharding("fsdp", "NO", 1, lora_enabled=False) == "none"  # one process: nothing to shard
+    with pytest.raises(ConfigError, match="DeepSpeed config"):
+        resolve_sharding("deepspeed", "MULTI_GPU", 8, lora_enabled=False)
+    with pytest.raises(ConfigError, match="launched with an accelerate FSDP config"):
+        resolve_sharding("none", "FSDP", 8, lora_enabled=False)
+    with pytest.raises(ConfigError, match="launched with an accelerate DEEPSPEED config"):
+        resolve_sharding("fsdp", "DEEPSPEED", 8, lora_enabled=False)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"sharding": "fsdp"}, "LoRA weights are small"),
+        ({"sharding": "zero"}, "sharding"),
+        ({"sharding": "fsdp", "lora": {"enabled": False}, "mixed_precision": "fp16"}, "accepted: bf16"),
+        ({"distributed_timeout_s": 0}, "distributed_timeout_s"),
+    ],
+)
+def test_bad_sharding_settings_are_refused(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(TrainConfig, {"output_dir": "runs/x", **overrides})
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux"])
+def test_the_wrapping_units_are_the_denoisers_blocks(family):
+    pipe = tiny_pipeline(family)
+    module = pipe.transformer if family in ("sd3", "flux") else pipe.unet
+    units = wrap_units(module)
+    names = {id(m): n for n, m in module.named_modules()}
+    unit_names = [names[id(u)] for u in units]
+    assert len(set(unit_names)) == len(unit_names)
+    inside = {id(p) for u in units for p in u.parameters()}
+    # most of the weights live in some unit (what is left is the root: embeddings, in/out projections)
+    total = sum(p.numel() for p in module.parameters())
+    assert sum(p.numel() for p in module.parameters() if id(p) in inside) > 0.6 * total
+    if family in ("sd", "sdxl"):
+        assert {"mid_block", "down_blocks.0", "up_blocks.0", "down_blocks.0.resnets.0"} <= set(unit_names)
+    else:
+        assert "transformer_blocks.0" in unit_names
+    if family == "flux":
+        assert "single_transformer_blocks.0" in unit_names
+    # innermost first: no unit contains a unit that comes after it (FSDP2 shards sub-units before their parent)
+    for i, name in enumerate(unit_names):
+        assert not any(later.startswith(name + ".") for later in unit_names[i + 1 :]), name
+
+
+def test_fsdp_settings_default_without_an_fsdp_launch():
+    class State:
+        fsdp_plugin = None
+
+    class Acc:
+        state = State()
+
+    from align.train.sharding import fsdp_settings
+
+    assert fsdp_settings(Acc(), torch.bfloat16) == FSDPSettings(param_dtype=torch.bfloat16)
