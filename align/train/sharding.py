@@ -245,3 +245,17 @@ def prepare_deepspeed(trainer) -> None:
         "sharding='deepspeed' is not supported by the trainer yet; use sharding='fsdp' (FSDP2) with "
         "examples/accelerate/fsdp2_1node_8gpu.yaml"
     )
+
+
+#: what the messages of a failed collective contain (gloo and NCCL raise plain RuntimeErrors on some paths)
+_COLLECTIVE_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Timeout",
+                        "NCCL", "gloo", "ProcessGroup", "c10d")
+
+
+def is_distributed_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed: a peer process died, or it did not answer in time."""
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _COLLECTIVE_FAILURES)

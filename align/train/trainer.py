@@ -70,6 +70,7 @@ from align.train.sharding import (
     full_model_state,
     full_optimizer_state,
     full_tensor,
+    is_distributed_failure,
     load_full_state,
     prepare_deepspeed,
     resolve_sharding,
@@ -801,7 +802,24 @@ class Trainer:
         )
 
     def train(self) -> TrainResult:
-        """Run (or resume) the training loop to ``max_steps``."""
+        """Run (or resume) the training loop to ``max_steps``.
+
+        Over several processes, a collective that fails (another process died, or did not answer within
+        ``distributed_timeout_s``) stops this process with an :class:`AlignError` saying so.
+        """
+        try:
+            return self._train()
+        except Exception as exc:
+            if getattr(self, "num_processes", 1) > 1 and is_distributed_failure(exc):
+                raise AlignError(
+                    f"process {self.rank} of {self.num_processes} stopped at step {getattr(self, 'step', 0)}: a collective with the "
+                    f"other processes failed ({_first_line(exc)}); another process died, or did not answer within "
+                    f"distributed_timeout_s={self.config.distributed_timeout_s:g} s (its own log says why). Resume "
+                    "from the last checkpoint with resume=latest."
+                ) from exc
+            raise
+
+    def _train(self) -> TrainResult:
         self.setup()
         cfg = self.config
         if self.is_main:
@@ -883,6 +901,11 @@ class Trainer:
         if self.accelerator.trackers:
             self.accelerator.end_training()
         return result
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
