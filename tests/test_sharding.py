@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -291,3 +292,53 @@ def test_fsdp_settings_default_without_an_fsdp_launch():
     from align.train.sharding import fsdp_settings
 
     assert fsdp_settings(Acc(), torch.bfloat16) == FSDPSettings(param_dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------- example configs
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
+
+
+def _launch_args(path: Path):
+    """What ``accelerate launch --config_file path -m align train`` resolves the file to."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "align", "train"])
+    return _validate_launch_command(args)[0]
+
+
+@pytest.mark.parametrize(("name", "machines"), [("fsdp2_1node_8gpu.yaml", 1), ("fsdp2_2node_8gpu.yaml", 2)])
+def test_fsdp_example_configs_give_the_trainer_fsdp2_settings(name, machines, monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from align.train.sharding import fsdp_settings
+
+    args = _launch_args(ACCELERATE_CONFIGS / name)
+    assert args.use_fsdp and (args.num_machines, args.num_processes) == (machines, 8 * machines)
+    env = prepare_multi_gpu_env(args)  # the environment accelerate launch gives each process
+    assert env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    for key, value in env.items():
+        if key.startswith(("FSDP_", "ACCELERATE_USE_FSDP")):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "false")  # its check asks for a GPU; the trainer does not read it
+
+    class Acc:
+        class state:  # noqa: N801 (accelerate's attribute name)
+            fsdp_plugin = FullyShardedDataParallelPlugin()
+
+    settings = fsdp_settings(Acc(), torch.bfloat16)
+    assert settings == FSDPSettings(param_dtype=torch.bfloat16, reshard_after_forward=True, offload_params=False)
+    assert resolve_sharding("auto", "FSDP", 8 * machines, lora_enabled=False) == "fsdp"
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    Acc.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    with pytest.raises(ConfigError, match="fsdp_version=1"):
+        fsdp_settings(Acc(), torch.bfloat16)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("machines", [1, 2])
+def test_deepspeed_example_configs(stage, machines):
+    args = _launch_args(ACCELERATE_CONFIGS / f"deepspeed_zero{stage}_{machines}node_8gpu.yaml")
+    assert args.use_deepspeed and (args.num_machines, args.num_processes) == (machines, 8 * machines)
+    assert int(args.zero_stage) == stage and int(args.gradient_accumulation_steps) == 1
+    assert float(args.gradient_clipping) == 1.0 and args.mixed_precision == "bf16"
