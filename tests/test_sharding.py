@@ -342,3 +342,71 @@ def test_deepspeed_example_configs(stage, machines):
     assert args.use_deepspeed and (args.num_machines, args.num_processes) == (machines, 8 * machines)
     assert int(args.zero_stage) == stage and int(args.gradient_accumulation_steps) == 1
     assert float(args.gradient_clipping) == 1.0 and args.mixed_precision == "bf16"
+
+
+# ---------------------------------------------------------------------------------------------- align plan
+def test_plan_divides_weights_gradients_and_adam_state_by_the_processes():
+    from align.train.plan import MemoryPlanner, ModelSpec, PlanConfig
+    from align.train.sharding import unit_sizes
+
+    spec = ModelSpec.from_pipeline(tiny_pipeline("sd"))
+    common = {"model": "tiny-sd", "num_steps": 4, "resolution": 64, "lora": False, "mixed_precision": "bf16",
+              "device": "cpu", "budgets_gb": [1.0]}
+    plain = MemoryPlanner(PlanConfig(**common), spec)
+    sharded = MemoryPlanner(PlanConfig(**common, processes=8, sharding="fsdp"), spec)
+    n = plain.trainable
+    assert sharded.trainable == n
+    # fp32 master weights, fp32 gradients, two fp32 Adam moments, each an eighth per process
+    assert sharded.weights["denoiser"] == 4 * n / 8
+    assert sharded.gradients == 4 * n / 8 and sharded.optimizer_state == 8 * n / 8
+    assert plain.weights["denoiser"] == 2 * n and plain.optimizer_state == 4 * n  # unsharded: bf16 weights and state
+    assert sharded.weights["vae"] == plain.weights["vae"]  # the frozen parts are not sharded
+    # the largest block, gathered in bf16 while it runs (it and the next); in its backward its bf16 gradient and
+    # the fp32 copy that is reduce-scattered
+    unit = max(unit_sizes(plain.model.module))
+    a, b = plain.phases(1, 1), sharded.phases(1, 1)
+    assert b["grad steps forward"] - a["grad steps forward"] == 2 * unit * 2
+    # unsharded, the first backward allocates every gradient of the denoiser (its trace counts them); sharded, a
+    # block's gradient is freed once reduce-scattered, and the gathered blocks are counted instead
+    profiles = plain.profiles
+    all_gradients = profiles.first_backward.at(1).backward - profiles.denoiser.at(1).backward
+    assert all_gradients > 0
+    assert b["denoiser backward"] == a["denoiser backward"] - all_gradients + 2 * unit * 2 + unit * (2 + 4)
+    assert b["decode forward"] == a["decode forward"]  # no block is gathered while the VAE decodes
+    assert sharded.total(1, 1) < plain.total(1, 1)
+
+
+def test_deepspeed_layouts_in_closed_form():
+    from align.train.sharding import ShardedMemory, sharded_memory
+
+    n, u = 1000, 10
+    # ZeRO-2: bf16 weights replicated, fp32 master weights, bf16 gradients and fp32 Adam state partitioned
+    assert sharded_memory(n, 4, 2, "zero2", u) == ShardedMemory(2 * n + 4 * n / 4, 2 * n / 4, 8 * n / 4, 4 * n / 4, 0, 0)
+    # ZeRO-3: the bf16 weights partitioned too, gathered per block as they run
+    assert sharded_memory(n, 4, 2, "zero3", u) == ShardedMemory(
+        2 * n / 4 + 4 * n / 4, 2 * n / 4, 8 * n / 4, 4 * n / 4, 2 * u * 2, 2 * u * 2 + u * 2
+    )
+    assert sharded_memory(n, 4, 4, "zero3", u).weights == 4 * n / 4  # fp32: no separate master copy
+    with pytest.raises(ConfigError, match="sharding='none'"):
+        sharded_memory(n, 4, 2, "none", u)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"), [({"sharding": "fsdp", "processes": 8}, "full-finetune"), ({"sharding": "zero1"}, "sharding"),
+                             ({"processes": 0}, "processes")],
+)
+def test_plan_refuses_bad_sharding(overrides, match):
+    from align.train.plan import PlanConfig
+
+    with pytest.raises(ConfigError, match=match):
+        PlanConfig(model="sd15", **overrides)
+
+
+def test_plan_cli_prints_per_process_figures(capsys):
+    from align.cli import main
+
+    assert main(["plan", "--model", "builtin", "--device", "cpu", "--full-finetune", "--mixed-precision", "bf16",
+                 "--processes", "8", "--sharding", "fsdp", "--budget", "1GB", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["config"]["sharding"] == "fsdp" and plan["config"]["processes"] == 8
+    assert plan["optimizer_state_bytes"] == 8 * plan["trainable_parameters"] / 8

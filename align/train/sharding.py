@@ -259,3 +259,54 @@ def is_distributed_failure(exc: BaseException) -> bool:
     if isinstance(exc, getattr(dist, "DistError", ())):
         return True
     return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _COLLECTIVE_FAILURES)
+
+
+def unit_sizes(module: nn.Module) -> list[int]:
+    """Parameters each FSDP unit gathers at once: a unit's own (those not in a sub-unit), the root's last."""
+    units = [*wrap_units(module), module]
+    owned: set[int] = set()
+    sizes = []
+    for unit in units:  # innermost first: a unit's sub-units have already taken theirs
+        params = [p for p in unit.parameters() if id(p) not in owned]
+        owned.update(id(p) for p in params)
+        sizes.append(sum(p.numel() for p in params))
+    return sizes
+
+
+#: the sharded layouts ``align plan`` predicts (TrainConfig.sharding's fsdp, and deepspeed by ZeRO stage)
+PLAN_SHARDING = ("none", "fsdp", "zero2", "zero3")
+
+
+@dataclass(frozen=True)
+class ShardedMemory:
+    """Bytes per process of a sharded full fine-tuning of ``numel`` weights (see :func:`sharded_memory`)."""
+
+    weights: float
+    gradients: float
+    optimizer_state: float
+    optimizer_temporary: float
+    gathered_forward: float
+    gathered_backward: float
+
+
+def sharded_memory(numel: int, processes: int, compute_bytes: int, sharding: str, largest_unit: int) -> ShardedMemory:
+    """Per-process memory of the denoiser's weights, gradients and AdamW state under ``sharding``.
+
+    fsdp (the trainer's FSDP2): fp32 master weights, fp32 gradients and the two fp32 Adam moments, each
+    divided by the processes; while a block runs its weights are gathered in the compute dtype (it and the
+    next, prefetched), and in its backward its unsharded gradient plus the fp32 copy that is reduce-scattered.
+    zero2: compute-dtype weights replicated, fp32 master weights, gradients and Adam state partitioned.
+    zero3: the compute-dtype weights partitioned too, gathered per block as FSDP does.
+    """
+    n, p, c = float(numel), float(processes), float(compute_bytes)
+    master = 4.0 * n / p
+    adam = 8.0 * n / p
+    gathered = 2.0 * largest_unit * c
+    if sharding == "fsdp":
+        return ShardedMemory(master, 4.0 * n / p, adam, master, gathered, gathered + largest_unit * (c + 4.0))
+    extra_master = master if c < 4 else 0.0  # fp32 training keeps no separate master copy
+    if sharding == "zero2":
+        return ShardedMemory(c * n + extra_master, c * n / p, adam, master, 0.0, 0.0)
+    if sharding == "zero3":
+        return ShardedMemory(c * n / p + extra_master, c * n / p, adam, master, gathered, gathered + largest_unit * c)
+    raise ConfigError(f"sharding={sharding!r}; accepted: {', '.join(PLAN_SHARDING[1:])}")
