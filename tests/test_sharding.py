@@ -410,3 +410,32 @@ def test_plan_cli_prints_per_process_figures(capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["config"]["sharding"] == "fsdp" and plan["config"]["processes"] == 8
     assert plan["optimizer_state_bytes"] == 8 * plan["trainable_parameters"] / 8
+
+
+# ---------------------------------------------------------------------------------------------- benchmarks
+def test_the_published_sharding_benchmark_halves_each_process_state():
+    from bench.report import render
+
+    payload = json.loads((Path(__file__).resolve().parents[1] / "bench" / "results" / "sharding_cpu.json").read_text())
+    rows = {r["variant"]: r for r in payload["rows"]}
+    assert set(rows) == {"plain-1", "replicated-2", "fsdp-2"} and not any("error" in r for r in rows.values())
+    plain = rows["plain-1"]["ranks"][0]
+    for rank in rows["fsdp-2"]["ranks"]:
+        for key in ("weights_mb", "gradients_mb", "adam_mb"):
+            assert rank[key] == pytest.approx(plain[key] / 2, rel=1e-3), key  # even shards (dim 0 split in two)
+    for rank in rows["replicated-2"]["ranks"]:
+        assert rank["weights_mb"] == plain["weights_mb"]
+    assert "| fsdp-2 | 2 | fsdp |" in render("sharding_cpu")
+
+
+@pytest.mark.slow
+def test_gpu_sharding_check_runs_on_the_cpu(tmp_path):
+    """bench/gpu/sharding.py --smoke: the fake 8-process group shards the tiny SDXL UNet; the planner's state is 1/8."""
+    proc = subprocess.run([sys.executable, "bench/gpu/sharding.py", "--smoke", "--out", str(tmp_path)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu_sharding_smoke.json").read_text())["rows"]
+    assert [(r["processes"], r["sharding"]) for r in rows] == [(1, "none"), (8, "fsdp")]
+    assert all(r["finite"] for r in rows)
+    assert rows[1]["predicted_state_mb"] == pytest.approx(rows[0]["predicted_state_mb"] / 8, rel=1e-9)
