@@ -439,3 +439,45 @@ def test_gpu_sharding_check_runs_on_the_cpu(tmp_path):
     assert [(r["processes"], r["sharding"]) for r in rows] == [(1, "none"), (8, "fsdp")]
     assert all(r["finite"] for r in rows)
     assert rows[1]["predicted_state_mb"] == pytest.approx(rows[0]["predicted_state_mb"] / 8, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed
+DS_OK = {"zero_optimization": {"stage": 2}, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+         "bf16": {"enabled": True}}
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [({"zero_optimization": {"stage": 1}}, "zero_stage=1"), ({"gradient_accumulation_steps": 4}, "accumulates"),
+     ({"gradient_clipping": 0.5}, "max_grad_norm"), ({"fp16": {"enabled": True}}, "fp16"), ({}, "ema_decay")],
+)
+def test_deepspeed_configs_are_checked_against_the_trainer(change, match):
+    from align.train.sharding import check_deepspeed_config
+
+    assert check_deepspeed_config(DS_OK, max_grad_norm=1.0, ema=False) == 2
+    assert check_deepspeed_config({**DS_OK, "zero_optimization": {"stage": 3}, "gradient_clipping": "auto"},
+                                  max_grad_norm=1.0, ema=False) == 3
+    with pytest.raises(ConfigError, match=match):
+        check_deepspeed_config({**DS_OK, **change}, max_grad_norm=1.0, ema=not change)
+
+
+def test_a_deepspeed_launch_is_checked_then_refused_with_a_message():
+    from align.train.sharding import prepare_deepspeed
+
+    class Trainer:
+        class accelerator:  # noqa: N801
+            class state:  # noqa: N801
+                class deepspeed_plugin:  # noqa: N801
+                    deepspeed_config = {**DS_OK, "zero_optimization": {"stage": 3}}
+
+        class method:  # noqa: N801
+            max_grad_norm = 1.0
+
+        class config:  # noqa: N801
+            ema_decay = 0.0
+
+    with pytest.raises(ConfigError, match="does not drive DeepSpeed's engine yet.*fsdp2_1node_8gpu.yaml"):
+        prepare_deepspeed(Trainer())
+    Trainer.accelerator.state.deepspeed_plugin.deepspeed_config = {**DS_OK, "zero_optimization": {"stage": 0}}
+    with pytest.raises(ConfigError, match="zero_stage=0"):  # the config is checked first
+        prepare_deepspeed(Trainer())

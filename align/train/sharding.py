@@ -23,8 +23,8 @@ batch_size x gradient_accumulation_steps x processes), hence the same number of 
 steps and trained steps; a non-finite loss on any process skips the step on all of them; sample
 grids and the monitor run on every process (only the main one writes).
 
-DeepSpeed ZeRO-2/3 runs through accelerate (``accelerator.prepare`` of the denoiser and the
-optimiser, launched with a DeepSpeed config); it needs CUDA and the deepspeed package.
+DeepSpeed ZeRO-2/3 launch configs are recognised and checked (:func:`check_deepspeed_config`), but
+training under them is refused for now (:func:`prepare_deepspeed` says why); FSDP2 shards the same state.
 """
 
 from __future__ import annotations
@@ -239,11 +239,52 @@ def save_full_denoiser(module: nn.Module, state: Mapping[str, Tensor], directory
     )
 
 
+def check_deepspeed_config(ds_config: Mapping[str, Any], *, max_grad_norm: float, ema: bool) -> int:
+    """Check an accelerate DeepSpeed config against what the trainer does; returns its ZeRO stage (2 or 3).
+
+    The trainer accumulates micro-steps and clips gradients itself, so the DeepSpeed config must leave
+    both to it (accumulation 1, clipping equal to the method's max_grad_norm or 'auto'); fp16 is refused
+    (use bf16), and so is an EMA (it would need the partitioned weights).
+    """
+    zero = ds_config.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0))
+    if stage not in (2, 3):
+        raise ConfigError(f"DeepSpeed zero_stage={stage}; accepted: 2 or 3 (examples/accelerate/deepspeed_zero*.yaml)")
+    accumulation = ds_config.get("gradient_accumulation_steps", "auto")
+    if accumulation not in ("auto", 1, "1"):
+        raise ConfigError(
+            f"the DeepSpeed config sets gradient_accumulation_steps={accumulation}; the trainer accumulates "
+            "micro-steps itself: set it to 1 there and gradient_accumulation_steps in the train config"
+        )
+    clipping = ds_config.get("gradient_clipping", "auto")
+    if clipping != "auto" and float(clipping) != float(max_grad_norm or 0.0):
+        raise ConfigError(
+            f"the DeepSpeed config sets gradient_clipping={clipping} but the method's max_grad_norm is {max_grad_norm}; "
+            "accepted: the same value, or 'auto'"
+        )
+    if (ds_config.get("fp16") or {}).get("enabled") in (True, "true"):
+        raise ConfigError("the DeepSpeed config enables fp16; accepted: bf16 (mixed_precision: bf16) or none")
+    if ema:
+        raise ConfigError("ema_decay > 0 with sharding='deepspeed'; accepted: ema_decay=0, or sharding='fsdp'")
+    return stage
+
+
 def prepare_deepspeed(trainer) -> None:
-    """DeepSpeed ZeRO through accelerate: not wired into the training step yet (see the module docstring)."""
+    """Validate the DeepSpeed launch config, then refuse: the trainer does not drive DeepSpeed's engine yet.
+
+    DeepSpeed's engine owns the backward pass, accumulation, clipping and the optimiser step, which the
+    trainer's one loop does itself for every method; wiring it in could not be run here (accelerate 1.15
+    runs a DeepSpeed launch on the CPU as single processes, and no GPU was available), so it is refused
+    rather than shipped untested.  FSDP2 (``sharding='fsdp'``) shards the same state.
+    """
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    method = trainer.method
+    check_deepspeed_config(plugin.deepspeed_config, max_grad_norm=method.max_grad_norm,
+                           ema=trainer.config.ema_decay > 0)
     raise ConfigError(
-        "sharding='deepspeed' is not supported by the trainer yet; use sharding='fsdp' (FSDP2) with "
-        "examples/accelerate/fsdp2_1node_8gpu.yaml"
+        "sharding='deepspeed': the trainer does not drive DeepSpeed's engine yet (it owns the backward pass, "
+        "accumulation and the optimiser step, which the trainer's loop does itself); shard with FSDP2 instead: "
+        "accelerate launch --config_file examples/accelerate/fsdp2_1node_8gpu.yaml -m align train ..."
     )
 
 
