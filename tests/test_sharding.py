@@ -179,7 +179,8 @@ HANG_DRIVER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("fate", [pytest.param("killed", marks=pytest.mark.slow), "hung"])
+@pytest.mark.slow  # two process launches with a timeout each: about 40 s apiece on 2 shared cores
+@pytest.mark.parametrize("fate", ["killed", "hung"])
 def test_a_dead_or_hung_process_stops_the_others_within_the_timeout(tmp_path, fate):
     """Rank 1 stalls before its first step and is then killed (SIGKILL) or left hanging (SIGSTOP): rank 0, waiting in a
     collective, exits with an error naming distributed_timeout_s instead of waiting forever."""

@@ -582,7 +582,7 @@ class Trainer:
 
     def _ema_state(self) -> dict[str, Tensor]:
         """{"ema.<name>": full EMA weight}; gathered from the shards under FSDP (a collective)."""
-        if self.ema is None:
+        if self.ema is None or not (self.is_main or self.sharding == "fsdp"):
             return {}
         return {f"ema.{n}": full_tensor(e).cpu() for n, e in zip(self.param_names, self.ema)}
 
