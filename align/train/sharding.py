@@ -30,7 +30,7 @@ training under them is refused for now (:func:`prepare_deepspeed` says why); FSD
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,10 +164,11 @@ def full_tensor(t: Tensor) -> Tensor:
 
 
 def shard_like(full: Tensor, like: Tensor) -> Tensor:
-    """This process's local shard of ``full`` as ``like`` (a DTensor) splits it."""
+    """This process's local shard of the main process's ``full`` as ``like`` (a DTensor) splits it; a collective
+    (the other processes pass any tensor of the full shape: only the main process's values are sent)."""
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None).to_local()
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=0).to_local()
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
@@ -206,25 +207,18 @@ def load_full_state(
     module: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: Mapping[str, Tensor],
     optimizer_state: Mapping[str, Any] | None,
 ) -> None:
-    """Load full (unsharded) model and optimiser states into the sharded denoiser; every process must call it."""
+    """Load full (unsharded) model and optimiser states, held by the main process only (the others pass empty
+    ones), into the sharded denoiser: each process receives its shards. Every process must call it."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(module, dict(model_state), options=options)
-    if optimizer is not None and optimizer_state is not None:
-        set_optimizer_state_dict(module, optimizer, dict(optimizer_state), options=options)
-
-
-def named_units(module: nn.Module) -> Iterator[str]:
-    """Names of the FSDP units of ``module`` (for messages and tests)."""
-    ids = {id(u) for u in wrap_units(module)}
-    for name, m in module.named_modules():
-        if id(m) in ids:
-            yield name
+    if optimizer is not None:
+        set_optimizer_state_dict(module, optimizer, dict(optimizer_state or {}), options=options)
 
 
 def save_full_denoiser(module: nn.Module, state: Mapping[str, Tensor], directory) -> None:

@@ -628,9 +628,14 @@ class Trainer:
         if self.is_main:
             self.checkpoints.clean_partial()
         self.accelerator.wait_for_everyone()
-        ckpt = self.checkpoints.load(None if which == "latest" else which)
-        missing = set(self.param_names) - set(ckpt.trainable)
-        if missing:
+        sharded = self.sharding == "fsdp"
+        # under FSDP only the main process reads the full weights and optimiser state; it sends each
+        # process its shards (one full copy in CPU memory, not one per process)
+        ckpt = self.checkpoints.load(None if which == "latest" else which, weights=self.is_main or not sharded)
+        missing = set(self.param_names) - set(ckpt.trainable) if (self.is_main or not sharded) else set()
+        if (self._any_process(bool(missing)) if sharded else missing):
+            if not missing:
+                raise AlignError(f"checkpoint {str(ckpt.path)!r} does not match this model (the main process says why)")
             raise AlignError(
                 f"checkpoint {str(ckpt.path)!r} does not match this model's trainable weights (missing "
                 f"{sorted(missing)[0]!r}...); resume with the same model, method and lora settings"
@@ -641,22 +646,26 @@ class Trainer:
                 f"checkpoint {str(ckpt.path)!r} was written with sharding={saved_sharding!r} and this run uses "
                 f"sharding={self.sharding!r}: their optimiser states are keyed differently; resume with the same sharding"
             )
-        if self.sharding == "fsdp":
+        if sharded:
             prefix = "denoiser."
             load_full_state(
                 self.model.module, self.optimizer,
                 {k[len(prefix):]: v for k, v in ckpt.trainable.items() if k.startswith(prefix)}, ckpt.optimizer,
             )
         with torch.no_grad():
-            if self.sharding != "fsdp":
+            if not sharded:
                 for name, p in zip(self.param_names, self.params):
                     p.copy_(ckpt.trainable[name].to(p.device, p.dtype))
             if self.ema is not None:
                 for name, e in zip(self.param_names, self.ema):
-                    if f"ema.{name}" in ckpt.extra:
-                        full = ckpt.extra[f"ema.{name}"]
-                        local = e.to_local() if self.sharding == "fsdp" else e
-                        local.copy_(shard_like(full, e) if self.sharding == "fsdp" else full.to(e.device, e.dtype))
+                    key = f"ema.{name}"
+                    if key not in ckpt.extra_keys:
+                        continue
+                    if sharded:  # the main process's copy, split into this process's shard
+                        full = ckpt.extra[key] if self.is_main else torch.empty(e.shape, dtype=e.dtype)
+                        e.to_local().copy_(shard_like(full, e))
+                    else:
+                        e.copy_(ckpt.extra[key].to(e.device, e.dtype))
         reward_state = {k[len("reward.") :]: v for k, v in ckpt.extra.items() if k.startswith("reward.")}
         if reward_state:
             self.reward.load_state_dict(reward_state, strict=False)
