@@ -235,7 +235,9 @@ def test_sharding_follows_the_launch_and_lora_keeps_its_light_path():
     assert resolve_sharding("auto", "FSDP", 8, lora_enabled=False) == "fsdp"
     assert resolve_sharding("auto", "DEEPSPEED", 8, lora_enabled=False) == "deepspeed"
     assert resolve_sharding("auto", "MULTI_GPU", 8, lora_enabled=False) == "none"
-    assert resolve_sharding("auto", "FSDP", 8, lora_enabled=True) == "none"  # LoRA: one all-reduce
+    assert resolve_sharding("auto", "MULTI_GPU", 8, lora_enabled=True) == "none"  # LoRA: one all-reduce
+    with pytest.raises(ConfigError, match="LoRA trains unsharded"):
+        resolve_sharding("auto", "FSDP", 8, lora_enabled=True)
     assert resolve_sharding("fsdp", "MULTI_CPU", 2, lora_enabled=False) == "fsdp"
     assert resolve_sharding("fsdp", "NO", 1, lora_enabled=False) == "none"  # one process: nothing to shard
     with pytest.raises(ConfigError, match="DeepSpeed config"):

@@ -66,19 +66,26 @@ def resolve_sharding(requested: str, distributed_type: str, num_processes: int, 
 
     ``requested`` is TrainConfig.sharding; ``distributed_type`` is accelerate's (``"FSDP"``,
     ``"DEEPSPEED"``, ``"MULTI_GPU"``, ``"MULTI_CPU"``, ``"NO"``...).  'auto' follows the accelerate
-    launch config for full fine-tuning; LoRA always takes the light path.  FSDP over one process
-    has nothing to shard and runs the plain path.
+    launch config; LoRA always takes the light path (and refuses an FSDP / DeepSpeed launch).  FSDP
+    over one process has nothing to shard and runs the plain path.
     """
     launched = LAUNCHED_SHARDING.get(distributed_type, "none")
+    if lora_enabled and launched != "none":
+        # accelerate's FSDP2 / DeepSpeed prepare wants the model with the optimiser; LoRA keeps its light path
+        raise ConfigError(
+            f"a LoRA run launched with an accelerate {distributed_type} config: LoRA trains unsharded (every process "
+            "holds the model; one all-reduce of the adapter gradients); launch it with a plain multi-GPU config "
+            "(accelerate launch -m align train ...), or set lora.enabled=false to shard full fine-tuning"
+        )
     if requested == "auto":
-        requested = "none" if lora_enabled else launched
+        requested = launched
     if requested == "deepspeed" and launched != "deepspeed":
         raise ConfigError(
             f"sharding='deepspeed' needs a run launched with an accelerate DeepSpeed config (accelerate launch "
             f"--config_file examples/accelerate/deepspeed_zero2_1node_8gpu.yaml ...); this run's accelerate "
             f"distributed type is {distributed_type!r}. Accepted here: 'auto', 'none', 'fsdp'"
         )
-    if requested != launched and launched != "none" and not lora_enabled:
+    if requested != launched and launched != "none":
         raise ConfigError(
             f"sharding={requested!r} but the run was launched with an accelerate {distributed_type} config; "
             f"set sharding='auto' (or {launched!r}), or launch with a plain multi-GPU config"
