@@ -141,7 +141,7 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
     from align.core.lora import adapters_disabled
     from align.core.models import load_model
     from align.core.prompts import load_prompts
-    from align.report import Figure, Section, moving_average, plot_lines, write_html
+    from align.report import Figure, Section, write_html
     from align.steer.fk_config import FKConfig
     from align.steer.generate import generate
     from align.steer.guidance_config import BestOfNConfig
@@ -209,14 +209,8 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
     ncols = config.eval_seeds * min(4, len(heldout))
     save_png(make_grid(before, ncols=ncols), report_dir / "finetune_before.png", scale=scale)
     save_png(make_grid(after, ncols=ncols), report_dir / "finetune_after.png", scale=scale)
-    metrics = [json.loads(x) for x in (out / "train" / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    steps = [m["step"] for m in metrics if "loss" in m]
-    rewards_per_step = [m["reward_mean"] for m in metrics if "loss" in m]
-    plot_lines(
-        report_dir / "reward_curve.png",
-        {"batch reward": (steps, rewards_per_step), "moving average (5)": (steps, moving_average(rewards_per_step, 5))},
-        title=f"DRaFT-K training reward ({train_reward.name})", xlabel="optimiser step", ylabel="reward",
-    )
+    _plot_training_reward(out / "train" / "metrics.jsonl", report_dir / "reward_curve.png", "batch reward",
+                          f"DRaFT-K training reward ({train_reward.name})", "optimiser step")
     fidelity_before = _prompt_fidelity(eval_prompts, before)
     fidelity = None if fidelity_before is None else (fidelity_before, _prompt_fidelity(eval_prompts, after))
     finetune = {
@@ -390,6 +384,17 @@ def run_demo(config: DemoConfig, *, model=None, progress: bool = True) -> dict[s
     return summary
 
 
+def _plot_training_reward(metrics_path: Path, png: Path, label: str, title: str, xlabel: str) -> None:
+    """The reward of every optimiser step logged in ``metrics_path`` and its moving average, as a line plot."""
+    from align.report import moving_average, plot_lines
+
+    metrics = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    steps = [m["step"] for m in metrics if "loss" in m]
+    rewards = [m["reward_mean"] for m in metrics if "loss" in m]
+    plot_lines(png, {label: (steps, rewards), "moving average (5)": (steps, moving_average(rewards, 5))},
+               title=title, xlabel=xlabel, ylabel="reward")
+
+
 def _trend(ws: list[float], means: list[float]) -> dict[str, Any]:
     """How the mean reward follows w: "rising" is the trend over the sweep (rank correlation), not every adjacent
     pair, since at w > 1 extrapolation can saturate or overshoot within the noise of a few samples."""
@@ -456,7 +461,7 @@ def _blackbox_part(model, config: DemoConfig, train_prompts, heldout, out: Path,
                    w: int, progress: bool, sections: list) -> dict[str, Any]:
     """Part 4: GRPO toward the black-box reward on a fresh LoRA, then RL guidance over it."""
     from align.core.lora import ADAPTER_NAME, LoRAConfig
-    from align.report import Figure, Section, moving_average, plot_lines
+    from align.report import Figure, Section
     from align.train.methods import GRPOConfig
     from align.train.trainer import TrainConfig, Trainer
 
@@ -483,14 +488,8 @@ def _blackbox_part(model, config: DemoConfig, train_prompts, heldout, out: Path,
     t0 = time.perf_counter()
     result = trainer.train()
     seconds = time.perf_counter() - t0
-    metrics = [json.loads(x) for x in (out / "train_blackbox" / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    steps = [m["step"] for m in metrics if "loss" in m]
-    rollout_rewards = [m["reward_mean"] for m in metrics if "loss" in m]
-    plot_lines(
-        report_dir / "blackbox_reward_curve.png",
-        {"rollout reward": (steps, rollout_rewards), "moving average (5)": (steps, moving_average(rollout_rewards, 5))},
-        title=f"GRPO training reward ({reward.name})", xlabel="optimiser step (one rollout each)", ylabel="reward",
-    )
+    _plot_training_reward(out / "train_blackbox" / "metrics.jsonl", report_dir / "blackbox_reward_curve.png",
+                          "rollout reward", f"GRPO training reward ({reward.name})", "optimiser step (one rollout each)")
     guide_prompts = heldout[: max(1, min(len(heldout), 8))]
     sweep = _guidance_sweep(model, guide_prompts, reward, config, "demo 4/4: RL guidance sweep", progress,
                             guidance_scale=config.blackbox_guidance_scale, h=h, w=w, report_dir=report_dir, scale=scale,

@@ -514,6 +514,53 @@ def policy_gradient_tables(payload: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def sharding_tables(payload: dict[str, Any]) -> str:
+    """Per-process step time, trained state and resident peak of FSDP against the unsharded paths."""
+    out = [_machine(payload), ""]
+    settings = payload.get("settings", {})
+    if settings:
+        out += ["Settings: " + "; ".join(f"{k} {v}" for k, v in settings.items()) + ".", ""]
+    ok = [r for r in payload["rows"] if "error" not in r]
+    base = next((r for r in ok if r["variant"] == "plain-1"), None)
+    table = []
+    for r in ok:
+        ranks = r["ranks"]
+        step = max(x["step_time_s"] for x in ranks)  # a step ends when its slowest process does
+        state = max(x["weights_mb"] + x["gradients_mb"] + x["adam_mb"] for x in ranks)
+        rss = max(x["rss_peak_mb"] for x in ranks)
+        vs = f"{step / max(x['step_time_s'] for x in base['ranks']):.2f}x" if base else "-"
+        table.append([r["variant"], str(r["processes"]), r["sharding"], _s(step), vs,
+                      _mb(max(x["weights_mb"] for x in ranks)), _mb(max(x["gradients_mb"] for x in ranks)),
+                      _mb(max(x["adam_mb"] for x in ranks)), _mb(state), _mb(rss)])
+    out += ["**Per process: median optimiser-step time and memory (MB)**", "",
+            _table(["variant", "processes", "sharding", "step, s", "step / plain-1", "weights", "gradients",
+                    "AdamW state", "trained state", "resident peak (VmHWM)"], table), ""]
+    failed = [r for r in payload["rows"] if "error" in r]
+    if failed:
+        out.append(f"{len(failed)} rows failed: " + "; ".join(f"{r['variant']}: {r['error']}" for r in failed))
+    return "\n".join(out)
+
+
+def gpu_sharding_table(payload: dict[str, Any]) -> str:
+    """Per-GPU peak of full fine-tuning, unsharded and FSDP over P processes, beside align plan's prediction."""
+    out = [_machine(payload), ""]
+    settings = payload.get("settings", {})
+    if settings:
+        out += ["Settings: " + "; ".join(f"{k} {v}" for k, v in settings.items()) + ".", ""]
+    table = []
+    for r in payload["rows"]:
+        if "error" in r:
+            table.append([str(r["processes"]), r["sharding"], "failed: " + r["error"], "-", "-", "-", "-"])
+            continue
+        err = (r["predicted_total_mb"] - r["peak_mb"]) / r["peak_mb"]
+        table.append([str(r["processes"]), r["sharding"], _mb(r["peak_mb"]), _mb(r["predicted_total_mb"]), f"{err:+.0%}",
+                      _mb(r["predicted_state_mb"]), _s(r["step_time_s"])])
+    out += ["**Per-GPU memory of full fine-tuning (MB): measured peak of an optimiser step and align plan's prediction**",
+            "", _table(["processes", "sharding", "measured peak", "predicted peak", "prediction error",
+                        "predicted weights + gradients + AdamW", "step, s (collectives faked)"], table)]
+    return "\n".join(out)
+
+
 def _load(name: str, folder: Path = RESULTS) -> dict[str, Any] | None:
     path = folder / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -547,6 +594,10 @@ def render(name: str, folder: Path = RESULTS) -> str:
         return policy_gradient_tables(data)
     if data["benchmark"] == "method_comparison":
         return method_comparison_table(data)
+    if data["benchmark"] == "sharding":
+        return sharding_tables(data)
+    if data["benchmark"] == "gpu_sharding":
+        return gpu_sharding_table(data)
     raise ValueError(f"unknown benchmark {data['benchmark']!r}")
 
 

@@ -17,7 +17,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
     "name,cls",
     [("sd15_aesthetic_draft.yaml", TrainConfig), ("sdxl_pickscore_fk.yaml", SteerConfig), ("sd3_rlg.yaml", GuideConfig),
      ("sd35_pickscore_flow_grpo.yaml", TrainConfig), ("sd15_jpeg_ddpo.yaml", TrainConfig),
-     ("flux_vlm_grpo_window.yaml", TrainConfig)],
+     ("flux_vlm_grpo_window.yaml", TrainConfig), ("sdxl_full_finetune.yaml", TrainConfig)],
 )
 def test_example_config_validates(name, cls, monkeypatch):
     monkeypatch.chdir(EXAMPLES.parent)

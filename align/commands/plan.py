@@ -21,7 +21,8 @@ def add_parser(subparsers) -> None:
             "examples:\n"
             "  align plan --model sd15 --method draft --truncation-steps 1 --steps 50 --resolution 512 --budget 24GB\n"
             "  align plan --model sdxl --mixed-precision bf16 --batch-size 2\n"
-            "  align plan --model stabilityai/stable-diffusion-xl-base-1.0 --method alignprop --json"
+            "  align plan --model stabilityai/stable-diffusion-xl-base-1.0 --method alignprop --json\n"
+            "  align plan --model flux --full-finetune --mixed-precision bf16 --processes 16 --sharding fsdp"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -37,6 +38,12 @@ def add_parser(subparsers) -> None:
     cfg.add_argument("--no-cfg", dest="guidance", action="store_const", const=False, help="classifier-free guidance off")
     parser.add_argument("--full-finetune", action="store_true", help="train the whole denoiser instead of LoRA")
     parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--processes", type=int, default=1, help="GPUs the run is spread over (all machines together)")
+    parser.add_argument(
+        "--sharding", default="none",
+        help="with --full-finetune: none (replicated), fsdp (weights, gradients and AdamW state divided by the "
+        "processes), zero2 or zero3 (DeepSpeed); the figures are per process",
+    )
     parser.add_argument("--no-checkpointing", action="store_true", help="no gradient checkpointing")
     parser.add_argument("--mixed-precision", default="no", help="no, fp16 or bf16")
     parser.add_argument("--device", default="cuda", help="cuda or cpu")
@@ -74,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         lora=not args.full_finetune, lora_rank=args.lora_rank, gradient_checkpointing=not args.no_checkpointing,
         mixed_precision=args.mixed_precision, device=args.device, max_sequence_length=args.max_sequence_length,
         budgets_gb=budgets, extra_memory_gb=parse_memory(args.extra_memory), offline=args.offline,
+        processes=args.processes, sharding=args.sharding,
     )
     plan = plan_memory(config)
     print(json.dumps(plan.to_dict(), indent=1) if args.json else format_plan(plan))

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from align.core.errors import AlignError
@@ -128,6 +129,8 @@ class CheckpointContents:
     rng: dict[str, Any] | None
     extra: dict[str, torch.Tensor]
     state: dict[str, Any]
+    #: every key of extra.safetensors, also those not loaded (``load(weights=False)`` leaves out the EMA)
+    extra_keys: frozenset[str] = frozenset()
 
 
 class CheckpointManager:
@@ -207,8 +210,13 @@ class CheckpointManager:
         for old in done[: max(0, len(done) - self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: str | Path | None = None) -> CheckpointContents:
-        """Load a checkpoint (default: the latest complete one)."""
+    def load(self, path: str | Path | None = None, *, weights: bool = True) -> CheckpointContents:
+        """Load a checkpoint (default: the latest complete one).
+
+        ``weights=False`` leaves out the trained weights, the optimiser state and the EMA weights (a process
+        that receives its shards from the main process under FSDP: one full copy in CPU memory per machine
+        would otherwise become one per process).
+        """
         target = Path(path) if path is not None else self.latest()
         if target is None:
             raise AlignError(f"no complete checkpoint found in {str(self.dir)!r}; nothing to resume from")
@@ -223,14 +231,20 @@ class CheckpointManager:
             return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
 
         state = json.loads((target / STATE_FILE).read_text())
+        extra, extra_keys = {}, frozenset()
         extra_file = target / "extra.safetensors"
+        if extra_file.is_file():
+            with safe_open(extra_file, framework="pt") as fh:
+                extra_keys = frozenset(fh.keys())
+                extra = {k: fh.get_tensor(k) for k in extra_keys if weights or not k.startswith("ema.")}
         return CheckpointContents(
             path=target,
             step=int(state["step"]),
-            trainable=load_file(target / "trainable.safetensors"),
-            optimizer=maybe("optimizer.pt"),
+            trainable=load_file(target / "trainable.safetensors") if weights else {},
+            optimizer=maybe("optimizer.pt") if weights else None,
             lr_scheduler=maybe("lr_scheduler.pt"),
             rng=maybe("rng.pt"),
-            extra=load_file(extra_file) if extra_file.is_file() else {},
+            extra=extra,
             state=state,
+            extra_keys=extra_keys,
         )

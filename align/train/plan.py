@@ -34,7 +34,7 @@ import math
 import re
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from align.core.errors import AlignError, ConfigError, check_choice, check_range
+from align.train.sharding import PLAN_SHARDING, sharded_memory, unit_sizes
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 PRESET_ALIASES = {"sd1.5": "sd15", "sd-1.5": "sd15", "sd-xl": "sdxl", "sd3-medium": "sd3", "flux-dev": "flux"}
@@ -247,6 +248,10 @@ class PlanConfig:
         budgets_gb: memory budgets in GB for the largest batch size / K search.
         extra_memory_gb: memory the planner does not model (reward model weights and activations), added to the peak.
         offline: read only local files (default: the HF_HUB_OFFLINE environment variable).
+        processes: GPUs the run is spread over (all machines together).
+        sharding: how full fine-tuning splits the denoiser over the processes: none (replicated), fsdp
+            (sharding=fsdp: fp32 master weights, gradients and AdamW state divided by the processes, plus the
+            largest block gathered while it runs), zero2 / zero3 (DeepSpeed ZeRO stage 2 / 3).
     """
 
     model: str = "sd15"
@@ -267,6 +272,8 @@ class PlanConfig:
     budgets_gb: list[float] = field(default_factory=lambda: list(DEFAULT_BUDGETS_GB))
     extra_memory_gb: float = 0.0
     offline: bool | None = None
+    processes: int = 1
+    sharding: str = "none"
 
     def __post_init__(self) -> None:
         if self.method in ("diffusion_nft", "diffusion_dpo"):
@@ -307,6 +314,13 @@ class PlanConfig:
         for budget in self.budgets_gb:
             check_range("budget", budget, 0.0, None, low_inclusive=False)
         check_range("extra_memory_gb", self.extra_memory_gb, 0.0, None)
+        check_range("processes", self.processes, 1, None, integer=True)
+        check_choice("sharding", self.sharding, PLAN_SHARDING)
+        if self.sharding != "none" and self.lora:
+            raise ConfigError(
+                f"sharding={self.sharding!r} shards full fine-tuning; LoRA trains unsharded. Add --full-finetune, "
+                "or drop --sharding"
+            )
 
     @property
     def method_defaults(self):
@@ -718,6 +732,7 @@ class MemoryPlan:
 
 
 _PHASES_WITH_GRADIENTS = ("denoiser backward", "optimizer step")
+_DENOISER_FORWARD_PHASES = ("grad-free sampling", "grad steps forward", "re-noised copies forward")
 
 
 def _phases(p: _Profiles, batch: int, k: int, copies: int, grad_free: int, ckpt: bool, grads: float, opt: float) -> dict[str, float]:
@@ -794,6 +809,16 @@ class MemoryPlanner:
         size = torch.tensor([], dtype=dtype).element_size()
         for name in self.spec.text_encoders:
             self.weights[name] = float(_text_encoder_parameters(self.spec, name) * size)
+        self.gathered_forward = self.gathered_backward = 0.0
+        if config.sharding != "none":
+            shard = sharded_memory(
+                self.trainable, config.processes, torch.tensor([], dtype=dtype).element_size(), config.sharding,
+                max(unit_sizes(model.module)),
+            )
+            self.weights["denoiser"] = shard.weights
+            self.gradients, self.optimizer_state = shard.gradients, shard.optimizer_state
+            self.optimizer_temporary = shard.optimizer_temporary if config.device == "cuda" else 0.0
+            self.gathered_forward, self.gathered_backward = shard.gathered_forward, shard.gathered_backward
         if dtype != torch.float32:
             # under autocast the float32 LoRA weights compute in the low dtype; trace them so (their float32
             # bytes are counted above), or peft's casts would keep float32 copies of every adapted input
@@ -805,10 +830,22 @@ class MemoryPlanner:
         """Memory above weights and optimizer state through one step, by phase."""
         c = self.config
         steps = c.steps if num_steps is None else num_steps
-        return _phases(
-            self.profiles, batch_size, grad_steps, c.renoised_copies, steps - grad_steps, c.gradient_checkpointing,
+        profiles = self.profiles
+        if c.sharding != "none":
+            # the traced first backward allocates every gradient of the whole denoiser; sharded, each block's
+            # unsharded gradient lives only until it is reduce-scattered (gathered_backward) into the shards
+            profiles = replace(profiles, first_backward=profiles.denoiser)
+        phases = _phases(
+            profiles, batch_size, grad_steps, c.renoised_copies, steps - grad_steps, c.gradient_checkpointing,
             self.gradients, self.optimizer_temporary,
         )
+        # sharded: the blocks gathered while the denoiser runs (none during the decode, reward and optimiser step)
+        for name in phases:
+            if name == "denoiser backward":
+                phases[name] += self.gathered_backward
+            elif name in _DENOISER_FORWARD_PHASES:
+                phases[name] += self.gathered_forward
+        return phases
 
     def total(self, batch_size: int, grad_steps: int, num_steps: int | None = None) -> float:
         """Predicted peak of one step, in bytes."""
@@ -873,7 +910,9 @@ def format_plan(plan: MemoryPlan) -> str:
     lines = [
         f"model      {c.model} ({plan.family}), {plan.height}x{plan.width} px",
         f"method     {c.method}: {window}; batch {c.batch_size}; CFG {'on' if c.cfg else 'off'}",
-        f"training   {'LoRA rank ' + str(c.lora_rank) if c.lora else 'full fine-tuning'}; gradient checkpointing "
+        f"training   {'LoRA rank ' + str(c.lora_rank) if c.lora else 'full fine-tuning'}"
+        f"{'' if c.sharding == 'none' else f', sharded ({c.sharding}) over {c.processes} processes: per process'}"
+        f"; gradient checkpointing "
         f"{'on' if c.gradient_checkpointing else 'off'}; mixed precision {c.mixed_precision}; device {c.device}",
         "",
         "weights",

@@ -14,7 +14,12 @@ the sample's global index, so a run resumed from a checkpoint, or split over pro
 exactly what an uninterrupted single-process run draws; an objective's state (a rollout buffer,
 running statistics) travels in the checkpoint.  Gradients of the trainable parameters are
 averaged across processes by one flat all-reduce (LoRA weights are small), so no DDP wrapper has
-to see the many model calls of a sampling chain.
+to see the many model calls of a sampling chain.  Full fine-tuning over several processes can
+shard the denoiser instead (``sharding``: FSDP2 over its blocks, or DeepSpeed ZeRO through
+accelerate; :mod:`align.train.sharding`): gradient synchronisation is then the shards' reduce-
+scatter, checkpoints gather the full weights once on the main process, and every process makes
+the same sequence of denoiser calls.  A process that dies or hangs makes the others stop with an
+error after ``distributed_timeout_s`` instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -59,6 +65,21 @@ from align.train.methods import (
     ReFLConfig,
 )
 from align.train.objectives import Objective, make_objective
+from align.train.sharding import (
+    SHARDING,
+    clip_grad_norm,
+    fsdp_settings,
+    full_model_state,
+    full_optimizer_state,
+    full_tensor,
+    is_distributed_failure,
+    load_full_state,
+    prepare_deepspeed,
+    resolve_sharding,
+    save_full_denoiser,
+    shard_denoiser,
+    shard_like,
+)
 
 logger = logging.getLogger("align")
 
@@ -134,6 +155,16 @@ class TrainConfig:
         monitor_patience: stop early after this many monitor evaluations in a row in which the training reward
             rose while the held-out reward fell below its best by more than monitor_tolerance (0: never stop).
         monitor_tolerance: allowed drop of the held-out reward below its best before it counts as divergence.
+        sharding: how full fine-tuning (lora.enabled=false) splits the denoiser over processes: auto (what the
+            accelerate launch config says: FSDP or DeepSpeed, else none), none (every process holds the whole
+            model; gradients averaged by one all-reduce), fsdp (FSDP2: each block's weights, gradients and Adam
+            state sharded over the processes, fp32 master weights, compute in the mixed-precision dtype; bf16 or
+            no, not fp16), deepspeed (an accelerate DeepSpeed ZeRO-2/3 launch: its config is checked, then the run
+            is refused: the trainer does not drive DeepSpeed's engine yet; use fsdp). LoRA runs always take the
+            unsharded path. See examples/accelerate/.
+        distributed_timeout_s: seconds a collective (gradient reduction, a shard's all-gather, the barrier around a
+            checkpoint) may wait for the other processes before the run stops with an error: a process that died or
+            hangs ends the run instead of blocking the others forever. Must exceed the longest step and checkpoint.
     """
 
     model: str = "builtin"
@@ -181,6 +212,8 @@ class TrainConfig:
     monitor_every: int = 0
     monitor_patience: int = 0
     monitor_tolerance: float = 0.0
+    sharding: str = "auto"
+    distributed_timeout_s: float = 1800.0
 
     #: the fields holding one method's settings each (model recommendations resolve ``method.`` keys against them)
     method_sections: ClassVar[tuple[str, ...]] = tuple(METHODS)
@@ -208,6 +241,18 @@ class TrainConfig:
         check_range("monitor_patience", self.monitor_patience, 0, None, integer=True)
         check_range("monitor_tolerance", self.monitor_tolerance, 0.0, None)
         check_device("device", self.device)
+        check_choice("sharding", self.sharding, SHARDING)
+        check_range("distributed_timeout_s", self.distributed_timeout_s, 0.0, None, low_inclusive=False)
+        if self.sharding in ("fsdp", "deepspeed") and self.lora.enabled:
+            raise ConfigError(
+                f"sharding={self.sharding!r} shards full fine-tuning; LoRA weights are small and always train "
+                "unsharded (one all-reduce of their gradients). Set lora.enabled=false, or sharding=auto"
+            )
+        if self.sharding == "fsdp" and self.mixed_precision == "fp16":
+            raise ConfigError(
+                "sharding='fsdp' with mixed_precision='fp16': fp16 needs a loss scaler over sharded gradients, "
+                "which the trainer does not run; accepted: bf16 (fp32 master weights, bf16 compute) or no"
+            )
         check_output_dir("output_dir", self.output_dir)
         if self.method_config.kl_weight > 0 and not self.lora.enabled:
             raise ConfigError(
@@ -293,7 +338,7 @@ class Trainer:
         if self._setup_done:
             return
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import InitProcessGroupKwargs, set_seed
 
         cfg = self.config
         if self._accelerator is None:
@@ -308,12 +353,20 @@ class Trainer:
                 cpu=cfg.device == "cpu",
                 log_with=trackers or None,
                 project_dir=str(self.output_dir),
+                # every collective (gloo, NCCL) waits at most this long for a dead or hung process
+                kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.distributed_timeout_s))],
             )
         acc = self.accelerator = self._accelerator
         set_seed(cfg.seed, device_specific=False)
         self.is_main = acc.is_main_process
         self.num_processes = acc.num_processes
         self.rank = acc.process_index
+        self.sharding = resolve_sharding(cfg.sharding, acc.distributed_type.name, self.num_processes, cfg.lora.enabled)
+        if self.sharding != "none" and acc.mixed_precision == "fp16":
+            raise ConfigError(
+                f"sharding={self.sharding!r} with mixed_precision='fp16' (from the accelerate config or auto); "
+                "accepted: bf16 (fp32 master weights, bf16 compute) or no"
+            )
 
         if cfg.resume is None and (self.output_dir / "checkpoints").is_dir():
             if CheckpointManager(self.output_dir).complete():
@@ -347,6 +400,10 @@ class Trainer:
         if cfg.gradient_checkpointing is False and hasattr(model.module, "disable_gradient_checkpointing"):
             model.module.disable_gradient_checkpointing()
         self.param_names = _named_trainable(model)
+        if self.sharding == "fsdp":
+            units = shard_denoiser(model.module, fsdp_settings(acc, weight_dtype))
+            self.params = [p for p in model.module.parameters() if p.requires_grad]  # the sharded ones
+            logger.info("FSDP2: the denoiser is sharded over %d processes in %d units", self.num_processes, units)
 
         from rewards import build_reward
 
@@ -385,7 +442,10 @@ class Trainer:
         # The scheduler is not prepared: accelerate's AcceleratedScheduler steps it num_processes times
         # per call (it assumes the per-process batch, not the global one, defines a step) and not at all
         # after a skipped fp16 step.  Here it steps exactly once per optimiser step, on every process.
-        self.optimizer = acc.prepare(self.optimizer)
+        if self.sharding == "none":
+            self.optimizer = acc.prepare(self.optimizer)
+        elif self.sharding == "deepspeed":
+            prepare_deepspeed(self)
         self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
         self.checkpoints = CheckpointManager(self.output_dir, keep=cfg.keep_checkpoints)
         self.step = 0
@@ -431,8 +491,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimiser step
     def _all_reduce_grads(self) -> None:
-        if self.num_processes == 1:
-            return
+        if self.num_processes == 1 or self.sharding != "none":
+            return  # a sharded run's gradients were reduce-scattered in the backward pass
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
         flat = self.accelerator.reduce(flat, reduction="mean")
@@ -475,7 +535,10 @@ class Trainer:
         if not bad:
             self._all_reduce_grads()
             max_norm = self.method.max_grad_norm or float("inf")
-            grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
+            if self.sharding == "fsdp":
+                grad_norm = clip_grad_norm(self.params, max_norm)
+            else:
+                grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
             if not math.isfinite(grad_norm) and cfg.mixed_precision != "fp16":
                 skipped = True
             else:
@@ -514,20 +577,43 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _trainable_state(self) -> dict[str, Tensor]:
+        """{name: full weight} of the trainable parameters; sharded ones are gathered (a collective: every
+        process calls it; the full weights land on the main process only)."""
+        if self.sharding == "fsdp":
+            full = full_model_state(self.model.module)
+            return {f"denoiser.{k}": v for k, v in full.items() if f"denoiser.{k}" in self._trainable_names}
         return {name: p.detach() for name, p in zip(self.param_names, self.params)}
 
+    @property
+    def _trainable_names(self) -> set[str]:
+        return set(self.param_names)
+
+    def _ema_state(self) -> dict[str, Tensor]:
+        """{"ema.<name>": full EMA weight}; gathered from the shards under FSDP (a collective)."""
+        if self.ema is None or not (self.is_main or self.sharding == "fsdp"):
+            return {}
+        return {f"ema.{n}": full_tensor(e).cpu() for n, e in zip(self.param_names, self.ema)}
+
     def save_checkpoint(self) -> Path | None:
-        """Write a resumable checkpoint of the current step (main process only; all processes wait)."""
+        """Write a resumable checkpoint of the current step (main process only; all processes wait).
+
+        Under FSDP every process first takes part in gathering the full weights, EMA and optimiser state
+        (onto the main process, on the CPU); only the main process writes.
+        """
         path = None
+        sharded = self.sharding == "fsdp"
+        trainable = self._trainable_state()
+        ema = self._ema_state()
+        optimizer = full_optimizer_state(self.model.module, self.optimizer) if sharded else None
         if self.is_main:
-            extra = {f"ema.{n}": e for n, e in zip(self.param_names, self.ema)} if self.ema is not None else {}
+            extra = dict(ema)
             extra.update({f"reward.{k}": v for k, v in _reward_state(self.reward).items()})
             objective_tensors, objective_state = self.objective.state_dict()
             extra.update({f"objective.{k}": v for k, v in objective_tensors.items()})
             path = self.checkpoints.save(
                 self.step,
-                self._trainable_state(),
-                optimizer=self.optimizer.state_dict(),
+                trainable,
+                optimizer=optimizer if sharded else self.optimizer.state_dict(),
                 lr_scheduler=self.lr_scheduler.state_dict(),
                 rng=rng_state(),
                 extra=extra,
@@ -539,6 +625,7 @@ class Trainer:
                     "method": self.config.method,
                     "model": self.config.model,
                     "objective": objective_state,
+                    "sharding": self.sharding,
                 },
             )
         self.accelerator.wait_for_everyone()
@@ -549,26 +636,50 @@ class Trainer:
         if self.is_main:
             self.checkpoints.clean_partial()
         self.accelerator.wait_for_everyone()
-        ckpt = self.checkpoints.load(None if which == "latest" else which)
-        missing = set(self.param_names) - set(ckpt.trainable)
-        if missing:
+        sharded = self.sharding == "fsdp"
+        # under FSDP only the main process reads the full weights and optimiser state; it sends each
+        # process its shards (one full copy in CPU memory, not one per process)
+        ckpt = self.checkpoints.load(None if which == "latest" else which, weights=self.is_main or not sharded)
+        missing = set(self.param_names) - set(ckpt.trainable) if (self.is_main or not sharded) else set()
+        if (self._any_process(bool(missing)) if sharded else missing):
+            if not missing:
+                raise AlignError(f"checkpoint {str(ckpt.path)!r} does not match this model (the main process says why)")
             raise AlignError(
                 f"checkpoint {str(ckpt.path)!r} does not match this model's trainable weights (missing "
                 f"{sorted(missing)[0]!r}...); resume with the same model, method and lora settings"
             )
+        saved_sharding = ckpt.state.get("sharding", "none")
+        if (saved_sharding == "fsdp") != (self.sharding == "fsdp"):
+            raise AlignError(
+                f"checkpoint {str(ckpt.path)!r} was written with sharding={saved_sharding!r} and this run uses "
+                f"sharding={self.sharding!r}: their optimiser states are keyed differently; resume with the same sharding"
+            )
+        if sharded:
+            prefix = "denoiser."
+            load_full_state(
+                self.model.module, self.optimizer,
+                {k[len(prefix):]: v for k, v in ckpt.trainable.items() if k.startswith(prefix)}, ckpt.optimizer,
+            )
         with torch.no_grad():
-            for name, p in zip(self.param_names, self.params):
-                p.copy_(ckpt.trainable[name].to(p.device, p.dtype))
+            if not sharded:
+                for name, p in zip(self.param_names, self.params):
+                    p.copy_(ckpt.trainable[name].to(p.device, p.dtype))
             if self.ema is not None:
                 for name, e in zip(self.param_names, self.ema):
-                    if f"ema.{name}" in ckpt.extra:
-                        e.copy_(ckpt.extra[f"ema.{name}"].to(e.device, e.dtype))
+                    key = f"ema.{name}"
+                    if key not in ckpt.extra_keys:
+                        continue
+                    if sharded:  # the main process's copy, split into this process's shard
+                        full = ckpt.extra[key] if self.is_main else torch.empty(e.shape, dtype=e.dtype)
+                        e.to_local().copy_(shard_like(full, e))
+                    else:
+                        e.copy_(ckpt.extra[key].to(e.device, e.dtype))
         reward_state = {k[len("reward.") :]: v for k, v in ckpt.extra.items() if k.startswith("reward.")}
         if reward_state:
             self.reward.load_state_dict(reward_state, strict=False)
         objective_tensors = {k[len("objective.") :]: v for k, v in ckpt.extra.items() if k.startswith("objective.")}
         self.objective.load_state_dict(objective_tensors, ckpt.state.get("objective") or {})
-        if ckpt.optimizer is not None:
+        if ckpt.optimizer is not None and self.sharding != "fsdp":
             self.optimizer.load_state_dict(ckpt.optimizer)
         if ckpt.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(ckpt.lr_scheduler)
@@ -590,7 +701,12 @@ class Trainer:
         default = "lora" if self.config.lora.enabled else ("transformer" if self.model.is_flow else "unet")
         target = Path(directory) if directory is not None else self.output_dir / default
         path = None
-        if self.is_main:
+        if self.sharding == "fsdp":
+            with _swapped(self.params, self.ema):
+                full = full_model_state(self.model.module)  # a collective; the weights land on the main process
+            if self.is_main:
+                path = atomic_directory(target, lambda tmp: save_full_denoiser(self.model.module, full, tmp))
+        elif self.is_main:
             with _swapped(self.params, self.ema):
                 if self.config.lora.enabled:
                     path = atomic_directory(target, lambda tmp: save_lora(self.model, tmp))
@@ -620,7 +736,8 @@ class Trainer:
         prompts = [self.prompts[i % len(self.prompts)] for i in range(n)]
         seeds = [10_000 + i for i in range(n)]
         images = self.evaluation_images(prompts, seeds)
-        save_png(images, self.output_dir / "samples" / f"{tag}.png", scale=max(1, 256 // images.shape[-1]))
+        if self.is_main:
+            save_png(images, self.output_dir / "samples" / f"{tag}.png", scale=max(1, 256 // images.shape[-1]))
         self.reward.eval()
         with torch.no_grad():
             scores = self.reward.score(images, prompts)
@@ -655,6 +772,12 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ the loop
+    @property
+    def _samples_here(self) -> bool:
+        """Whether this process samples the grids: the main one; every one under FSDP, whose sharded denoiser
+        runs only when all processes call it (only the main one writes)."""
+        return self.is_main or self.sharding == "fsdp"
+
     def _log(self, metrics: dict[str, float]) -> None:
         if self.is_main:
             with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
@@ -697,7 +820,24 @@ class Trainer:
         )
 
     def train(self) -> TrainResult:
-        """Run (or resume) the training loop to ``max_steps``."""
+        """Run (or resume) the training loop to ``max_steps``.
+
+        Over several processes, a collective that fails (another process died, or did not answer within
+        ``distributed_timeout_s``) stops this process with an :class:`AlignError` saying so.
+        """
+        try:
+            return self._train()
+        except Exception as exc:
+            if getattr(self, "num_processes", 1) > 1 and is_distributed_failure(exc):
+                raise AlignError(
+                    f"process {self.rank} of {self.num_processes} stopped at step {getattr(self, 'step', 0)}: a collective with the "
+                    f"other processes failed ({_first_line(exc)}); another process died, or did not answer within "
+                    f"distributed_timeout_s={self.config.distributed_timeout_s:g} s (its own log says why). Resume "
+                    "from the last checkpoint with resume=latest."
+                ) from exc
+            raise
+
+    def _train(self) -> TrainResult:
         self.setup()
         cfg = self.config
         if self.is_main:
@@ -712,7 +852,7 @@ class Trainer:
             first_reward = self._logged_first_reward()
         if self.accelerator.log_with:
             self.accelerator.init_trackers("diffusion-align", config=_flat(to_dict(cfg)))
-        if self.step == 0 and self.is_main:
+        if self.step == 0 and self._samples_here:
             first = self._sample_grid("step-00000000")
             first_reward = first["eval_reward_mean"]
             self._log({"step": 0, **first})
@@ -748,7 +888,7 @@ class Trainer:
                     f"logged above); the weights of the last good step are saved in {str(path)!r}. Lower the learning "
                     "rate, use bf16 instead of fp16, or check the reward."
                 )
-            if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step < cfg.max_steps and self.is_main:
+            if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step < cfg.max_steps and self._samples_here:
                 metrics.update(self._sample_grid(f"step-{self.step:08d}"))
             if self.monitor is not None and cfg.monitor_every and self.step % cfg.monitor_every == 0:
                 metrics.update(self._monitor())
@@ -763,7 +903,7 @@ class Trainer:
                 )
                 break
         bar.close()
-        if self.is_main:
+        if self._samples_here:
             final = self._sample_grid(f"step-{self.step:08d}")
             last_reward = final["eval_reward_mean"]
             self._log({"step": self.step, **final})
@@ -779,6 +919,11 @@ class Trainer:
         if self.accelerator.trackers:
             self.accelerator.end_training()
         return result
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
