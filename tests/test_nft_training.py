@@ -172,3 +172,22 @@ def test_nft_raises_a_black_box_reward_of_the_builtin_model(tmp_path):
                          {"group_size": 8, "rollout_prompts": 2, "num_steps": 8, "learning_rate": 2e-2}, 20,
                          prompts=BUILTIN_PROMPTS)
     assert gain > 3 * spread
+
+
+@pytest.mark.parametrize("method", ["diffusion_nft", "diffusion_dpo"])
+def test_sharded_full_fine_tuning_is_refused_with_what_is_accepted(tmp_path, method):
+    """The old policy (NFT) and the frozen reference (DPO, full fine-tuning) are whole copies of the trained weights,
+    which a sharded run would keep and checkpoint per shard: refused until they are sharded too."""
+    from align.core.errors import ConfigError
+    from align.train.objectives import OBJECTIVES
+
+    data = {"method": method, "output_dir": str(tmp_path / "run"), "device": "cpu", "lora": {"enabled": False},
+            "model_recommendations": False, "batch_size": 2, "prompts": PROMPTS,
+            method: {"num_steps": 2, "group_size": 2, "rollout_prompts": 2,
+                     **({"kl_weight": 0.0} if method == "diffusion_nft" else {})}}
+    cfg = from_dict(TrainConfig, data)
+    trainer = Trainer(cfg, model=DiffusionModel(tiny_pipeline("sd")), progress=False)
+    trainer.setup()
+    trainer.sharding = "fsdp"  # what a multi-process run with sharding=fsdp resolves to
+    with pytest.raises(ConfigError, match=f"{method} with sharding='fsdp'.*accepted: LoRA"):
+        OBJECTIVES[method](trainer)

@@ -69,6 +69,8 @@ class DiffusionDPOObjective(PolicyGradientObjective):
         self.weighting = m.timestep_weighting_for(model.family)
         self.training_scheduler = model.make_scheduler(m.sampler)
         schedule = model.schedule(m.num_steps, sampler=m.sampler, eta=m.eta, height=t.height, width=t.width)
+        if not cfg.lora.enabled:
+            self._refuse_sharded_copy("the frozen reference")
         # the frozen reference of full fine-tuning (LoRA: the adapters switched off, no copy)
         self.frozen = None if cfg.lora.enabled else [p.detach().clone() for p in t.params]
         self.resolution = m.resolution or t.height

@@ -67,6 +67,7 @@ class DiffusionNFTObjective(PolicyGradientObjective):
         micro_batches = m.rollout_size // (per_pass * m.optimizer_steps_per_rollout)
         self._init_clean_rollouts(schedule, m.rollout_size, m.group_size, m.optimizer_steps_per_rollout, micro_batches)
         self.trained_steps = m.trained_steps
+        self._refuse_sharded_copy("the old policy")
         # the old policy: a copy of the trainable parameters, and the last rollout it was brought up to date for
         self.old = [p.detach().clone() for p in t.params]
         self.old_rollout = 0

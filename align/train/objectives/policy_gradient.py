@@ -166,6 +166,16 @@ class PolicyGradientObjective(Objective):
         self._cond = None
         self._executor: ThreadPoolExecutor | None = None
 
+    def _refuse_sharded_copy(self, what: str) -> None:
+        """A copy of the trained weights (``what``) is kept whole and checkpointed by the main process only, so a
+        sharded full fine-tuning run would keep and save one shard of it: refused with what is accepted."""
+        sharding = getattr(self.trainer, "sharding", "none")
+        if sharding != "none":
+            raise ConfigError(
+                f"{self.trainer.method.name} with sharding={sharding!r}: {what} is a copy of the trained weights, not "
+                "sharded yet; accepted: LoRA (lora.enabled=true), or full fine-tuning with sharding=none"
+            )
+
     def _init_clean_rollouts(self, schedule: SamplingSchedule, rollout_size: int, group_size: int,
                              steps_per_rollout: int, micro_batches: int) -> None:
         """The rollout layout of an objective that trains on the clean samples only (no sampler step is trained:
