@@ -592,11 +592,37 @@ def render(name: str, folder: Path = RESULTS) -> str:
         return gpu_check_tables(data)
     if data["benchmark"] == "policy_gradient":
         return policy_gradient_tables(data)
+    if data["benchmark"] == "method_comparison":
+        return method_comparison_table(data)
     if data["benchmark"] == "sharding":
         return sharding_tables(data)
     if data["benchmark"] == "gpu_sharding":
         return gpu_sharding_table(data)
     raise ValueError(f"unknown benchmark {data['benchmark']!r}")
+
+
+def method_comparison_table(payload: dict[str, Any]) -> str:
+    """Held-out reward reached against denoiser forward passes, one column per method."""
+    out = [_machine(payload), ""]
+    rows = [r for r in payload["rows"] if "error" not in r]
+    out += [f"Reward {payload['reward']}, {payload['num_steps']} sampling steps, no CFG, budget {payload['budget']:,} "
+            f"forward passes per method; held-out reward: mean of {payload['heldout_seeds']} fixed seeds.", ""]
+    table = []
+    for r in rows:
+        first, last = r["curve"][0], r["curve"][-1]
+        best = max(p["heldout_reward"] for p in r["curve"])
+        table.append([r["variant"], f"{r['forward_passes_first_step']:,}", str(last["steps"]), f"{last['seconds']:.0f}",
+                      f"{first['heldout_reward']:.4f}", f"{last['heldout_reward']:.4f}",
+                      f"{last['heldout_reward'] - first['heldout_reward']:+.4f}", f"{best:.4f}"])
+    out.append(_table(["method", "forward passes / step", "steps", "train s", "held-out before", "held-out after",
+                       "gain", "best along the way"], table))
+    curve = []
+    for r in rows:
+        curve.append([r["variant"]] + [f"{p['forward_passes']:,}: {p['heldout_reward']:.4f}" for p in r["curve"]])
+    width = max(len(c) for c in curve)
+    out += ["", "**Held-out reward along the budget (forward passes: reward)**", "",
+            _table(["method"] + [f"point {k}" for k in range(width - 1)], [c + ["-"] * (width - len(c)) for c in curve])]
+    return "\n".join(out)
 
 
 BLOCK = re.compile(r"(<!-- BEGIN GENERATED (\S+) -->\n)(.*?)(<!-- END GENERATED \2 -->)", re.S)

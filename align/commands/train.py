@@ -1,5 +1,6 @@
-"""``align train``: fine-tuning toward a reward with LoRA: reward backpropagation (DRaFT, DRaFT-LV, AlignProp, ReFL)
-or policy gradient (DDPO, GRPO) for any reward."""
+"""``align train``: fine-tuning toward a reward with LoRA: reward backpropagation (DRaFT, DRaFT-LV, AlignProp, ReFL),
+policy gradient (DDPO, GRPO) or forward-process RL (DiffusionNFT) for any reward, or preference optimisation
+(Diffusion-DPO)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ def add_parser(subparsers) -> None:
         description=(
             "Fine-tune LoRA weights so that samples maximise a reward: by backpropagating a differentiable reward "
             "through sampling (method=draft, draft_lv, alignprop, refl), or by policy gradient over rollouts of a "
-            "stochastic sampler, for any reward, black-box ones included (method=ddpo, grpo). Runs on one CPU, one GPU "
+            "stochastic sampler, for any reward, black-box ones included (method=ddpo, grpo), by reinforcement on the "
+            "forward process from rollouts of any sampler (method=diffusion_nft), or by preference optimisation on "
+            "pairs from a preference data set or ranked by any reward (method=diffusion_dpo). Runs on one CPU, one GPU "
             "or many (`accelerate launch -m align train ...`). Writes the LoRA in diffusers format to OUTPUT_DIR/lora, "
             "resumable checkpoints, metrics.jsonl and sample grids. Resume with resume=latest."
         ),

@@ -51,7 +51,7 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 PRESET_ALIASES = {"sd1.5": "sd15", "sd-1.5": "sd15", "sd-xl": "sdxl", "sd3-medium": "sd3", "flux-dev": "flux"}
 PLAN_METHODS = ("draft", "draft_lv", "alignprop", "refl")
 #: training methods the planner does not model (their step is not the backprop chain's)
-UNPLANNED_METHODS = ("ddpo", "grpo")
+UNPLANNED_METHODS = ("ddpo", "grpo", "diffusion_nft", "diffusion_dpo")
 DEVICES = ("cuda", "cpu")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_BUDGETS_GB = (24.0, 80.0)
@@ -276,6 +276,15 @@ class PlanConfig:
     sharding: str = "none"
 
     def __post_init__(self) -> None:
+        if self.method in ("diffusion_nft", "diffusion_dpo"):
+            raise ConfigError(
+                f"method={self.method!r}: align plan models the reward-backprop methods ({', '.join(PLAN_METHODS)}), not "
+                "diffusion_nft / diffusion_dpo. A step holds one denoiser forward+backward of batch_size samples "
+                "(diffusion_dpo: 2 x batch_size, winners and losers) plus grad-free forwards (the old policy or the "
+                "reference), whatever num_steps; rollouts are grad-free. Full fine-tuning keeps one more copy of the "
+                "trained weights (the old policy, or DPO's frozen reference). `align plan --method draft "
+                "--truncation-steps 1 --no-checkpointing --batch-size B` bounds the step from above"
+            )
         if self.method in UNPLANNED_METHODS:
             raise ConfigError(
                 f"method={self.method!r}: align plan models the reward-backprop methods ({', '.join(PLAN_METHODS)}), not "

@@ -56,6 +56,8 @@ from align.train.methods import (
     METHODS,
     AlignPropConfig,
     DDPOConfig,
+    DiffusionDPOConfig,
+    DiffusionNFTConfig,
     DraftConfig,
     DraftLVConfig,
     GRPOConfig,
@@ -95,13 +97,17 @@ class TrainConfig:
         model: 'builtin' (the tiny shapes model shipped with the package), a local diffusers folder, or a hub id.
         method: reward backpropagation: draft (DRaFT / DRaFT-K), draft_lv (DRaFT-LV), alignprop (AlignProp), refl
             (ReFL); policy gradient, for any reward including black-box ones: ddpo (DDPO), grpo (Flow-GRPO, -Fast,
-            GRPO-Guard, DanceGRPO, MixGRPO).
+            GRPO-Guard, DanceGRPO, MixGRPO); forward-process RL, any reward: diffusion_nft (DiffusionNFT);
+            preference optimisation from a preference data set or from pairs ranked by any reward:
+            diffusion_dpo (Diffusion-DPO).
         draft: settings of the draft method.
         draft_lv: settings of the draft_lv method.
         alignprop: settings of the alignprop method.
         refl: settings of the refl method.
         ddpo: settings of the ddpo method.
         grpo: settings of the grpo method.
+        diffusion_nft: settings of the diffusion_nft method.
+        diffusion_dpo: settings of the diffusion_dpo method.
         reward: a reward name (see `align eval --list-rewards`), or {name: weight, ...} for a weighted sum. Reward
             backpropagation needs a differentiable reward; ddpo and grpo take any.
         prompts: a named prompt set (shapes, simple_animals), a text file with one prompt per line, or a list.
@@ -169,6 +175,8 @@ class TrainConfig:
     refl: ReFLConfig = field(default_factory=ReFLConfig)
     ddpo: DDPOConfig = field(default_factory=DDPOConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    diffusion_nft: DiffusionNFTConfig = field(default_factory=DiffusionNFTConfig)
+    diffusion_dpo: DiffusionDPOConfig = field(default_factory=DiffusionDPOConfig)
     reward: str | dict[str, Any] = "brightness"
     prompts: str | list[str] = "shapes"
     negative_prompt: str = ""

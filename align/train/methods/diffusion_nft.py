@@ -22,7 +22,7 @@ old_decay_rate=0.0075 old_decay_max=0.999``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from align.core.errors import ConfigError, check_range
 from align.train.methods.base import MethodConfig
@@ -55,6 +55,8 @@ class DiffusionNFTConfig(MethodConfig):
         old_decay_max: the largest d (official: 0.5; OCR 0.999); below 1, or the old policy never moves.
         old_decay_delay: optimiser steps before which d = 0, the old policy a copy of the trained one (0; OCR 75).
         optimizer_steps_per_rollout: optimiser steps taken on each rollout (1; OCR 2).
+        overlap_reward: score each rollout chunk in a worker thread while the next chunk is sampled (as the
+            policy-gradient methods); the scores are the same either way.
         kl_weight: weight of the regulariser mean((v_theta - v_ref)^2) toward the frozen model (LoRA off), in
             flow-velocity space whatever the model predicts (the official 1e-4).
     """
@@ -83,6 +85,7 @@ class DiffusionNFTConfig(MethodConfig):
     old_decay_max: float = 0.5
     old_decay_delay: int = 0
     optimizer_steps_per_rollout: int = 1
+    overlap_reward: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -107,6 +110,10 @@ class DiffusionNFTConfig(MethodConfig):
     def rollout_size(self) -> int:
         """Samples per rollout, over all processes."""
         return self.group_size * self.rollout_prompts
+
+    def evaluation_sampling(self, flow: bool = False) -> dict[str, Any]:
+        """eval_num_steps of the rollout sampler (deterministic by default)."""
+        return {"num_steps": self.eval_num_steps or self.num_steps, "sampler": self.sampler, "eta": self.eta}
 
     @property
     def trained_steps(self) -> int:

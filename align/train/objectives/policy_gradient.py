@@ -79,11 +79,14 @@ class RolloutBuffer:
     log_probs: Tensor
     advantages: Tensor
     means: Tensor | None = None
+    x0: Tensor | None = None  # the chains' outputs [n, ...], kept on request (DiffusionNFT trains on them)
+    rewards: Tensor | None = None  # every reward of the rollout (all processes) by sample id [R] (online DPO pairs them)
+    reward_valid: Tensor | None = None  # [R]
     failed: bool = False
     metrics: dict[str, float] = field(default_factory=dict)
     timing: dict[str, float] = field(default_factory=dict)  # of the collection (logged once, not checkpointed)
 
-    _TENSORS = ("sample_ids", "x_in", "x_next", "log_probs", "advantages", "means")
+    _TENSORS = ("sample_ids", "x_in", "x_next", "log_probs", "advantages", "means", "x0", "rewards", "reward_valid")
 
     def tensors(self) -> dict[str, Tensor]:
         return {k: getattr(self, k) for k in self._TENSORS if getattr(self, k) is not None}
@@ -103,6 +106,9 @@ class RolloutBuffer:
 
 class PolicyGradientObjective(Objective):
     """DDPO and GRPO on the trainer's loop; see the module docstring."""
+
+    #: whether a rollout keeps each sample's clean output x0 (the forward-process objectives train on it)
+    keeps_x0: bool = False
 
     def __init__(self, trainer):
         super().__init__(trainer)
@@ -147,6 +153,7 @@ class PolicyGradientObjective(Objective):
                 f"product divides {self.rollout_size} (or change the rollout size)"
             )
         self.minibatches = self.rollout_size // self.minibatch
+        self.micro_batches = cfg.gradient_accumulation_steps  # per optimiser step
         self.steps_per_rollout = m.inner_epochs * self.minibatches
         self.positions = [p for p in range(self.rollout_size) if (p // cfg.batch_size) % t.num_processes == t.rank]
         self.tracker = (
@@ -159,6 +166,37 @@ class PolicyGradientObjective(Objective):
         self._cond = None
         self._executor: ThreadPoolExecutor | None = None
 
+    def _refuse_sharded_copy(self, what: str) -> None:
+        """A copy of the trained weights (``what``) is kept whole and checkpointed by the main process only, so a
+        sharded full fine-tuning run would keep and save one shard of it: refused with what is accepted."""
+        sharding = getattr(self.trainer, "sharding", "none")
+        if sharding != "none":
+            raise ConfigError(
+                f"{self.trainer.method.name} with sharding={sharding!r}: {what} is a copy of the trained weights, not "
+                "sharded yet; accepted: LoRA (lora.enabled=true), or full fine-tuning with sharding=none"
+            )
+
+    def _init_clean_rollouts(self, schedule: SamplingSchedule, rollout_size: int, group_size: int,
+                             steps_per_rollout: int, micro_batches: int) -> None:
+        """The rollout layout of an objective that trains on the clean samples only (no sampler step is trained:
+        DiffusionNFT, online Diffusion-DPO): any ``schedule``, deterministic or not, and no stochastic-step policy."""
+        t = self.trainer
+        self.method = t.method
+        self.schedule = self.base = schedule
+        self.policy = AllSteps()
+        self.candidates = ()
+        self.num_stochastic = 0
+        self.rollout_size, self.group_size = rollout_size, group_size
+        self.steps_per_rollout, self.micro_batches = steps_per_rollout, micro_batches
+        self.minibatches = steps_per_rollout
+        self.minibatch = t.config.batch_size * t.num_processes * micro_batches
+        self.positions = [p for p in range(rollout_size) if (p // t.config.batch_size) % t.num_processes == t.rank]
+        self.tracker = None
+        self.buffer = None
+        self._schedules = {}
+        self._cond_key = self._cond = None
+        self._executor = None
+
     def describe(self) -> str:
         """What one rollout trains, in words (printed when training starts)."""
         m = self.method
@@ -168,6 +206,11 @@ class PolicyGradientObjective(Objective):
             f"trained per sample; {self.steps_per_rollout} optimiser step(s) per rollout "
             f"({m.inner_epochs} pass(es) x {self.minibatches} minibatch(es) of {self.minibatch})"
         )
+
+    @property
+    def keeps_means(self) -> bool:
+        """Whether a rollout keeps each transition's mean (GRPO-Guard's ratio normalisation needs them)."""
+        return bool(getattr(self.method, "ratio_norm", False))
 
     # ------------------------------------------------------------------ sizes
     def micro_steps(self, step: int) -> int:
@@ -216,7 +259,7 @@ class PolicyGradientObjective(Objective):
         ids = order[self.positions]
         b = cfg.batch_size
         busy = [0.0]
-        if m.overlap_reward and self._executor is None:
+        if getattr(m, "overlap_reward", True) and self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
         t.reward.train()  # running reward normalisation updates its statistics in train mode only
         pending: list[Future] = []
@@ -237,7 +280,7 @@ class PolicyGradientObjective(Objective):
                     return model_output(model.denoiser, schedule, i, x, cond, uncond, t.guidance_scale, model.dtype)
 
                 with t.accelerator.autocast():
-                    trajectory = sample_trajectory(schedule, predict, x_T, noise, keep_means=m.ratio_norm)
+                    trajectory = sample_trajectory(schedule, predict, x_T, noise, keep_means=self.keeps_means)
                     images = model.decode(trajectory.x0).float()
             trajectories.append(trajectory)
             prompts += chunk_prompts
@@ -280,7 +323,7 @@ class PolicyGradientObjective(Objective):
         metrics.update({
             "rollout": rollout,
             "rollout/stochastic_steps": len(steps),
-            "rollout/first_stochastic_step": steps[0],
+            "rollout/first_stochastic_step": steps[0] if steps else -1,
             "rollout/advantage_abs_mean": float(advantages[glob_valid].abs().mean()) if bool(glob_valid.any()) else 0.0,
         })
         cat = torch.cat
@@ -288,8 +331,9 @@ class PolicyGradientObjective(Objective):
             index=rollout, steps=steps, sample_ids=ids.clone(), prompts=prompts,
             x_in=cat([tr.x_in for tr in trajectories]).cpu(), x_next=cat([tr.x_next for tr in trajectories]).cpu(),
             log_probs=cat([tr.log_probs for tr in trajectories]).cpu(), advantages=advantages[ids].clone(),
-            means=cat([tr.means for tr in trajectories]).cpu() if m.ratio_norm else None,
-            failed=failed, metrics=metrics,
+            means=cat([tr.means for tr in trajectories]).cpu() if self.keeps_means else None,
+            x0=cat([tr.x0 for tr in trajectories]).cpu() if self.keeps_x0 else None,
+            rewards=glob_scores.clone(), reward_valid=glob_valid.clone(), failed=failed, metrics=metrics,
             timing={"rollout/sampling_s": sampled - start, "rollout/reward_wait_s": waited,
                     "rollout/reward_busy_s": busy[0]},
         )
@@ -314,7 +358,7 @@ class PolicyGradientObjective(Objective):
     # ------------------------------------------------------------------ the training pass
     def _rows(self, rollout: int, epoch: int, minibatch: int, micro_batch: int) -> list[int]:
         """Local rows of a micro-batch: the first pass in rollout order, later passes reshuffled per process."""
-        b, a = self.trainer.config.batch_size, self.trainer.config.gradient_accumulation_steps
+        b, a = self.trainer.config.batch_size, self.micro_batches
         n = len(self.positions)
         order = torch.arange(n) if epoch == 0 else torch.randperm(
             n, generator=self._seed(rollout, _SHUFFLE, epoch, self.trainer.rank))
