@@ -117,11 +117,7 @@ class DiffusionNFTObjective(PolicyGradientObjective):
         rollout, j = divmod(step, self.steps_per_rollout)
         micro_batch, slot = divmod(micro, self.trained_steps)
         metrics: dict[str, float] = {}
-        if self.buffer is None or self.buffer.index != rollout:
-            self.buffer = self.collect(rollout)
-            metrics.update(self.buffer.timing)
-        buf = self.buffer
-        metrics.update(buf.metrics)
+        buf = self._rollout_buffer(rollout, metrics)
         if buf.failed:
             return torch.tensor(float("nan")), metrics
         rows = self._rows(rollout, 0, j, micro_batch)

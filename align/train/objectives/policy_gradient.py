@@ -369,6 +369,15 @@ class PolicyGradientObjective(Objective):
         """The positions (among the rollout's stochastic steps) a sample trains, in training order."""
         return torch.randperm(self.num_stochastic, generator=self._seed(rollout, _TIMESTEPS, epoch, sample))
 
+    def _rollout_buffer(self, rollout: int, metrics: dict[str, float]):
+        """The buffer of rollout ``rollout``, sampled on its first use (its timing then added to ``metrics``), with its
+        metrics added to ``metrics``."""
+        if self.buffer is None or self.buffer.index != rollout:
+            self.buffer = self.collect(rollout)
+            metrics.update(self.buffer.timing)
+        metrics.update(self.buffer.metrics)
+        return self.buffer
+
     def _conditioning(self, key: tuple, prompts: list[str]):
         # a trained text encoder must be run again for every backward pass
         if self.trainer.config.lora.text_encoder or key != self._cond_key:
@@ -381,11 +390,7 @@ class PolicyGradientObjective(Objective):
         epoch, minibatch = divmod(j, self.minibatches)
         micro_batch, slot = divmod(micro, self.trained_steps)
         metrics: dict[str, float] = {}
-        if self.buffer is None or self.buffer.index != rollout:
-            self.buffer = self.collect(rollout)
-            metrics.update(self.buffer.timing)
-        buf = self.buffer
-        metrics.update(buf.metrics)
+        buf = self._rollout_buffer(rollout, metrics)
         if buf.failed:
             return torch.tensor(float("nan")), metrics
         rows = self._rows(rollout, epoch, minibatch, micro_batch)
