@@ -41,6 +41,8 @@ class DiffusionDPOConfig(MethodConfig):
         beta: KL strength of the -beta / 2 form; None: the model family's default (``dpo_beta``).
         timestep_weighting: how the shared training timestep of a pair is drawn: "auto" (uniform for UNet
             models, logit-normal for SD3 / FLUX), "uniform" or "logit_normal".
+        noisiest_fraction: train at the noisiest fraction of the training timesteps only (drawn by
+            ``timestep_weighting`` among them); 1: all of them (the original).
         empty_prompt_fraction: fraction of pairs trained with an empty caption (the original's 0.2).
         data: the offline preference data set (a .jsonl file, a folder with metadata.jsonl, a folder written
             by datasets' save_to_disk, .parquet file(s) or a Hugging Face hub id); None: online pairs.
@@ -75,6 +77,7 @@ class DiffusionDPOConfig(MethodConfig):
     guidance_scale: float = 4.5
     beta: float | None = None
     timestep_weighting: str = "auto"
+    noisiest_fraction: float = 1.0
     empty_prompt_fraction: float = 0.2
     data: str | None = None
     data_split: str = "train"
@@ -101,6 +104,7 @@ class DiffusionDPOConfig(MethodConfig):
         if self.beta is not None:
             check_range("beta", self.beta, 0.0, None, low_inclusive=False)
         check_choice("timestep_weighting", self.timestep_weighting, ("auto", *TIMESTEP_WEIGHTINGS))
+        check_range("noisiest_fraction", self.noisiest_fraction, 0.0, 1.0, low_inclusive=False)
         check_range("empty_prompt_fraction", self.empty_prompt_fraction, 0.0, 1.0)
         for field in ("image_0_column", "image_1_column", "label_column", "caption_column", "data_split"):
             if not isinstance(getattr(self, field), str) or not getattr(self, field):
