@@ -10,7 +10,8 @@ reward (black-box allowed) within each prompt's group (:mod:`align.train.prefere
 
 Defaults: beta per family (:data:`align.train.dpo.DPO_BETA`: 5000 for SD 1.x/2.x and SDXL as in the
 original launchers; 100 for SD3 from Flow-GRPO's SD3.5-M DPO config; 2000 for FLUX, unverified),
-uniform timesteps for UNet models and logit-normal ones for flow models, 20 % empty captions
+uniform timesteps over all the training levels (``noisiest_fraction`` 1) for UNet models and
+logit-normal ones for flow models, 20 % empty captions
 (the original's ``proportion_empty_prompts``), horizontal flips on, centre crops, AdamW weight
 decay 1e-2.  The original fine-tunes the full UNet at lr 2.048e-5 (1e-8 x effective batch 2048);
 with LoRA, diffusers' DPO example uses lr 1e-5 at rank 8, the default here (Flow-GRPO's online
