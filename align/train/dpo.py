@@ -29,9 +29,10 @@ SD3 DPO (``scripts/train_sd3_dpo.py``) indexes the flow scheduler's training sig
 logit-normal(0, 1) draw (:func:`sample_training_levels`).  ``noisiest`` narrows the draw to the noisiest
 levels: with a few-step deterministic sampler an image's layout and colours are fixed there, and on the
 built-in model uniform timesteps made the held-out rise of a brightness preference depend on the run
-(0.6x-4.9x the seed spread online) where the noisiest 30 % gave 3.6x-14.5x (tests/test_dpo_training.py).  SDXL's added conditions carry each
-image's original size and crop (:func:`sdxl_time_ids`), recorded by the data preparation
-(:mod:`align.train.preference_data`).
+(0.6x-4.9x the seed spread online) where the noisiest 30 % gave 4.8x-14.9x (tests/test_dpo_training.py).
+
+SDXL's added conditions carry each image's original size and crop (:func:`sdxl_time_ids`), recorded by
+the data preparation (:mod:`align.train.preference_data`).
 """
 
 from __future__ import annotations
