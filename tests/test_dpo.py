@@ -202,6 +202,35 @@ def test_flow_training_levels_come_from_the_unshifted_state_of_the_scheduler(shi
         torch.testing.assert_close(sigma, levels.sigmas, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("weighting", ["uniform", "logit_normal"])
+def test_noisiest_fraction_keeps_the_noisiest_levels_and_one_keeps_the_original_draws(weighting):
+    """VP: timesteps rise with the noise, so 0.3 keeps t in [700, 999] (uniform: every one of them about equally);
+    flow: the training sigmas fall from 1, so 0.25 keeps the first 250. 1.0 draws exactly what the original does."""
+    vp, g = toy_scheduler("ddpm"), torch.Generator()
+    everything = sample_training_levels(vp, 3000, g.manual_seed(3), weighting)
+    if weighting == "uniform":
+        assert torch.equal(everything.timesteps, torch.randint(0, 1000, (3000,), generator=g.manual_seed(3)))
+    else:
+        u = torch.sigmoid(torch.randn(3000, generator=g.manual_seed(3), dtype=F64))
+        assert torch.equal(everything.timesteps, (u * 1000).long().clamp_max(999))
+    top = sample_training_levels(vp, 30000, g.manual_seed(4), weighting, noisiest=0.3)
+    assert int(top.timesteps.min()) >= 700 and int(top.timesteps.max()) <= 999
+    if weighting == "uniform":
+        assert int(top.timesteps.min()) == 700 and int(top.timesteps.max()) == 999
+        counts = torch.bincount(top.timesteps - 700, minlength=300).double()
+        assert float((counts / 100 - 1).abs().max()) < 0.5  # 100 expected per timestep, Poisson-like spread
+    torch.testing.assert_close(top.alphas, vp.alphas_cumprod.double()[top.timesteps].sqrt(), rtol=0, atol=0)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    flow = FlowMatchEulerDiscreteScheduler()
+    kept = flow.sigmas.double()[:250]
+    levels = sample_training_levels(flow, 4000, g.manual_seed(5), weighting, noisiest=0.25)
+    assert bool(torch.isin(levels.sigmas, kept).all()) and float(levels.sigmas.min()) >= float(kept.min())
+    assert float(kept.min()) == pytest.approx(0.751, abs=1e-3)
+    with pytest.raises(ConfigError, match="noisiest=0 is out of range"):
+        sample_training_levels(vp, 2, noisiest=0)
+
+
 def test_training_levels_reject_unknown_schedulers_and_weightings():
     class KarrasOnly:  # neither alphas_cumprod nor flow sigmas
         config = SimpleNamespace(num_train_timesteps=1000)
@@ -259,6 +288,7 @@ def test_config_defaults_and_columns():
         ({"group_size": 1}, "group_size=1 is out of range"),
         ({"pairing": "random"}, "pairing='random' is not supported"),
         ({"min_reward_margin": -1.0}, "min_reward_margin=-1.0 is out of range"),
+        ({"noisiest_fraction": 0.0}, "noisiest_fraction=0.0 is out of range"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(kwargs, match):

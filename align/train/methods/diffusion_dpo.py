@@ -10,7 +10,8 @@ reward (black-box allowed) within each prompt's group (:mod:`align.train.prefere
 
 Defaults: beta per family (:data:`align.train.dpo.DPO_BETA`: 5000 for SD 1.x/2.x and SDXL as in the
 original launchers; 100 for SD3 from Flow-GRPO's SD3.5-M DPO config; 2000 for FLUX, unverified),
-uniform timesteps for UNet models and logit-normal ones for flow models, 20 % empty captions
+uniform timesteps over all the training levels (``noisiest_fraction`` 1) for UNet models and
+logit-normal ones for flow models, 20 % empty captions
 (the original's ``proportion_empty_prompts``), horizontal flips on, centre crops, AdamW weight
 decay 1e-2.  The original fine-tunes the full UNet at lr 2.048e-5 (1e-8 x effective batch 2048);
 with LoRA, diffusers' DPO example uses lr 1e-5 at rank 8, the default here (Flow-GRPO's online
@@ -41,6 +42,8 @@ class DiffusionDPOConfig(MethodConfig):
         beta: KL strength of the -beta / 2 form; None: the model family's default (``dpo_beta``).
         timestep_weighting: how the shared training timestep of a pair is drawn: "auto" (uniform for UNet
             models, logit-normal for SD3 / FLUX), "uniform" or "logit_normal".
+        noisiest_fraction: train at the noisiest fraction of the training timesteps only (drawn by
+            ``timestep_weighting`` among them); 1: all of them (the original).
         empty_prompt_fraction: fraction of pairs trained with an empty caption (the original's 0.2).
         data: the offline preference data set (a .jsonl file, a folder with metadata.jsonl, a folder written
             by datasets' save_to_disk, .parquet file(s) or a Hugging Face hub id); None: online pairs.
@@ -75,6 +78,7 @@ class DiffusionDPOConfig(MethodConfig):
     guidance_scale: float = 4.5
     beta: float | None = None
     timestep_weighting: str = "auto"
+    noisiest_fraction: float = 1.0
     empty_prompt_fraction: float = 0.2
     data: str | None = None
     data_split: str = "train"
@@ -101,6 +105,7 @@ class DiffusionDPOConfig(MethodConfig):
         if self.beta is not None:
             check_range("beta", self.beta, 0.0, None, low_inclusive=False)
         check_choice("timestep_weighting", self.timestep_weighting, ("auto", *TIMESTEP_WEIGHTINGS))
+        check_range("noisiest_fraction", self.noisiest_fraction, 0.0, 1.0, low_inclusive=False)
         check_range("empty_prompt_fraction", self.empty_prompt_fraction, 0.0, 1.0)
         for field in ("image_0_column", "image_1_column", "label_column", "caption_column", "data_split"):
             if not isinstance(getattr(self, field), str) or not getattr(self, field):

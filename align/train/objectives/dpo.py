@@ -107,7 +107,8 @@ class DiffusionDPOObjective(PolicyGradientObjective):
         else:
             cached = f", latent cache {m.latent_cache} ({len(self.cache)} pairs)" if self.cache is not None else ""
             source = f"pairs from {m.data}{cached}"
-        return (f"{m.name}: {source}; beta {self.beta:g}, {self.weighting} timesteps; micro-batches of "
+        noisiest = f" (the noisiest {m.noisiest_fraction:.0%})" if m.noisiest_fraction < 1 else ""
+        return (f"{m.name}: {source}; beta {self.beta:g}, {self.weighting} timesteps{noisiest}; micro-batches of "
                 f"{cfg.batch_size} x {t.num_processes} pairs; reference: "
                 f"{'the LoRA disabled' if self.frozen is None else 'a frozen copy of the trained weights'}")
 
@@ -248,7 +249,8 @@ class DiffusionDPOObjective(PolicyGradientObjective):
         device = model.device
         gens = [self._dpo_seed(key, micro, int(s)) for s in slots]
         # one level, one noise and one empty-caption draw per pair, seeded by the pair's slot
-        levels = [sample_training_levels(self.training_scheduler, 1, g, self.weighting) for g in gens]
+        levels = [sample_training_levels(self.training_scheduler, 1, g, self.weighting, m.noisiest_fraction)
+                  for g in gens]
         timesteps = torch.cat([lv.timesteps for lv in levels]).to(device)
         alpha = torch.cat([lv.alphas for lv in levels]).to(device)
         sigma = torch.cat([lv.sigmas for lv in levels]).to(device)
