@@ -226,6 +226,7 @@ def test_deepspeed_configs_are_checked_against_the_trainer(change, match):
      ({"deepspeed_config": "{zero2}", "mixed_precision": "fp16"}, "accepted: bf16"),
      ({"deepspeed_config": "{zero1}"}, "zero_stage=1"),
      ({"deepspeed_config": "{bad_yaml}"}, "unknown key 'zero_stag'"),
+     ({"deepspeed_config": "{zero3_init}"}, "zero3_init_flag: true; accepted: false"),
      ({"deepspeed_config": "{zero2}", "draft": {"max_grad_norm": 0.5}, "lora": {"enabled": False}}, "max_grad_norm")],
 )
 def test_bad_deepspeed_settings_are_refused(tmp_path, overrides, match):
@@ -233,8 +234,9 @@ def test_bad_deepspeed_settings_are_refused(tmp_path, overrides, match):
     for name, content in files.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({**content, "gradient_clipping": 1.0}))
     (tmp_path / "bad_yaml.yaml").write_text("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stag: 2\n")
+    (tmp_path / "zero3_init.yaml").write_text("deepspeed_config:\n  zero_stage: 3\n  zero3_init_flag: true\n")
     paths = {"{zero2}": str(tmp_path / "zero2.json"), "{zero1}": str(tmp_path / "zero1.json"),
-             "{bad_yaml}": str(tmp_path / "bad_yaml.yaml")}
+             "{bad_yaml}": str(tmp_path / "bad_yaml.yaml"), "{zero3_init}": str(tmp_path / "zero3_init.yaml")}
     overrides = {**overrides, "deepspeed_config": paths.get(overrides["deepspeed_config"], overrides["deepspeed_config"])}
     settings = {"output_dir": "runs/x", "lora": {"enabled": False}, **overrides}
     with pytest.raises(ConfigError, match=match):

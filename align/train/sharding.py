@@ -23,8 +23,22 @@ batch_size x gradient_accumulation_steps x processes), hence the same number of 
 steps and trained steps; a non-finite loss on any process skips the step on all of them; sample
 grids and the monitor run on every process (only the main one writes).
 
-DeepSpeed ZeRO-2/3 launch configs are recognised and checked (:func:`check_deepspeed_config`), but
-training under them is refused for now (:func:`prepare_deepspeed` says why); FSDP2 shards the same state.
+DeepSpeed ZeRO-2 and ZeRO-3 (``sharding='deepspeed'``) follow the same design: the trainer calls
+``deepspeed.initialize`` itself, on the denoiser alone, with its own AdamW (which DeepSpeed's ZeRO
+optimiser wraps and steps on the fp32 master partitions, so the trainer's LambdaLR keeps setting the
+rate) and the DeepSpeed config from an accelerate DeepSpeed launch or from TrainConfig.deepspeed_config
+(for torchrun / plain launches, and the CPU tests); it fills in what it owns (micro-batch, clipping at
+max_grad_norm, bf16, accumulation 1: it accumulates itself and marks DeepSpeed's boundary on its last
+micro-step).  It keeps calling the denoiser module directly through the sampling chain (ZeRO-3's
+gather hooks sit on the module's submodules) and backpropagates through :func:`deepspeed_backward`.
+ZeRO-2 keeps the compute-dtype weights whole on every process and partitions the fp32 master weights,
+gradients and Adam moments; ZeRO-3 partitions the weights too.  ZeRO skips (and drops) a step whose
+gradient norm is not finite, in fp32 as in bf16; a non-finite loss on any process skips the step
+before its boundary (:func:`discard_gradients`).  Checkpoints hold the full fp32 master weights and the
+full AdamW state keyed by parameter name, gathered with DeepSpeed's ``safe_get_full_*`` and set back
+with ``safe_set_full_*`` (:func:`deepspeed_full_weights`, :func:`load_deepspeed_state`), so resume is
+exact.  No EMA under DeepSpeed (it would have to follow ZeRO-3's partitions); fp16 and offloading are
+refused.
 """
 
 from __future__ import annotations
@@ -287,6 +301,7 @@ def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
                               f"section; accepted: {', '.join(ACCELERATE_DEEPSPEED_KEYS)}")
         from accelerate.utils import DeepSpeedPlugin
 
+        check_zero3_init(section.get("zero3_init_flag"))
         options = {k: v for k, v in section.items() if k != "deepspeed_config_file"}
         if "deepspeed_config_file" in section:
             return load_deepspeed_config(section["deepspeed_config_file"])
@@ -294,6 +309,16 @@ def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise ConfigError(f"deepspeed_config={str(path)!r} does not hold a mapping; {accepted}")
     return config
+
+
+def check_zero3_init(flag) -> None:
+    """Refuse accelerate's ``zero3_init_flag``: it makes transformers' ``from_pretrained`` partition every model it
+    loads (the frozen text encoders too), while the trainer loads the pipeline whole and partitions the denoiser."""
+    if flag in (True, "true"):
+        raise ConfigError(
+            "the accelerate DeepSpeed config sets zero3_init_flag: true; accepted: false (the trainer partitions only "
+            "the denoiser, after loading; zero.Init would partition the frozen text encoders as they load)"
+        )
 
 
 def check_deepspeed_config(ds_config: Mapping[str, Any], *, max_grad_norm: float) -> int:

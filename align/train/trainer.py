@@ -15,8 +15,8 @@ exactly what an uninterrupted single-process run draws; an objective's state (a 
 running statistics) travels in the checkpoint.  Gradients of the trainable parameters are
 averaged across processes by one flat all-reduce (LoRA weights are small), so no DDP wrapper has
 to see the many model calls of a sampling chain.  Full fine-tuning over several processes can
-shard the denoiser instead (``sharding``: FSDP2 over its blocks, or DeepSpeed ZeRO through
-accelerate; :mod:`align.train.sharding`): gradient synchronisation is then the shards' reduce-
+shard the denoiser instead (``sharding``: FSDP2 over its blocks, or DeepSpeed ZeRO-2/3, whose engine
+the trainer drives; :mod:`align.train.sharding`): gradient synchronisation is then the shards' reduce-
 scatter, checkpoints gather the full weights once on the main process, and every process makes
 the same sequence of denoiser calls.  A process that dies or hangs makes the others stop with an
 error after ``distributed_timeout_s`` instead of waiting forever.
@@ -68,6 +68,7 @@ from align.train.objectives import Objective, make_objective
 from align.train.sharding import (
     SHARDING,
     check_deepspeed_config,
+    check_zero3_init,
     clip_grad_norm,
     deepspeed_backward,
     deepspeed_full_optimizer_state,
@@ -475,8 +476,12 @@ class Trainer:
         if self.sharding == "none":
             self.optimizer = acc.prepare(self.optimizer)
         elif self.sharding == "deepspeed":
-            launched = cfg.deepspeed_config is None
-            ds_config = acc.state.deepspeed_plugin.deepspeed_config if launched else load_deepspeed_config(cfg.deepspeed_config)
+            if cfg.deepspeed_config is None:  # an accelerate DeepSpeed launch
+                plugin = acc.state.deepspeed_plugin
+                check_zero3_init(getattr(plugin, "zero3_init_flag", False))
+                ds_config = plugin.deepspeed_config
+            else:
+                ds_config = load_deepspeed_config(cfg.deepspeed_config)
             ds_config = engine_config(ds_config, batch_size=cfg.batch_size, max_grad_norm=self.method.max_grad_norm,
                                       bf16=acc.mixed_precision == "bf16")
             self.engine = prepare_deepspeed(model.module, self.optimizer, ds_config, cfg.distributed_timeout_s)
