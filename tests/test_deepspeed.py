@@ -251,3 +251,20 @@ def test_deepspeed_follows_its_config_or_its_launch():
         resolve_sharding("deepspeed", "MULTI_GPU", 8, lora_enabled=False)
     with pytest.raises(ConfigError, match="drop one of them"):
         resolve_sharding("auto", "DEEPSPEED", 8, lora_enabled=False, deepspeed_config=True)
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+def test_the_published_deepspeed_benchmark_partitions_each_process_state():
+    from bench.report import render
+
+    results = Path(__file__).resolve().parents[1] / "bench" / "results" / "sharding_deepspeed_cpu.json"
+    rows = {r["variant"]: r for r in json.loads(results.read_text())["rows"]}
+    assert set(rows) == {"plain-1", "zero2-2", "zero3-2"} and not any("error" in r for r in rows.values())
+    plain = rows["plain-1"]["ranks"][0]
+    half = plain["weights_mb"] / 2  # fp32 training: the master partition is half the fp32 weights
+    for name, module in (("zero2-2", plain["weights_mb"]), ("zero3-2", half)):
+        for rank in rows[name]["ranks"]:
+            assert rank["adam_mb"] == pytest.approx(plain["adam_mb"] / 2, rel=1e-3), name  # the moments partitioned
+            assert rank["gradients_mb"] == pytest.approx(half, rel=1e-3), name
+            assert rank["weights_mb"] == pytest.approx(module + half, rel=1e-3), name  # the module's + the master
+    assert "| zero3-2 | 2 | deepspeed |" in render("sharding_deepspeed_cpu")

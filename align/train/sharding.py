@@ -434,7 +434,7 @@ def discard_gradients(engine) -> None:
 ADAM_STATE = ("exp_avg", "exp_avg_sq")
 
 
-def _master_partitions(engine) -> list[Tensor]:
+def master_partitions(engine) -> list[Tensor]:
     """This process's flat fp32 master partitions: the tensors the ZeRO optimiser steps its torch AdamW on (and keys
     its state by): ZeRO-3's sub-groups, ZeRO-2's one partition per parameter group."""
     optimizer = engine.optimizer
@@ -447,7 +447,7 @@ def _adam_state_initialised(engine) -> tuple[torch.optim.Optimizer, list[Tensor]
     as its first step would (zeros, step 0) where there is none yet, and linked to the parameters' fragments (ZeRO-2
     links them after its first step)."""
     adam = engine.optimizer.optimizer
-    flats = _master_partitions(engine)
+    flats = master_partitions(engine)
     for flat in flats:
         if "exp_avg" not in adam.state.get(flat, {}):
             adam.state[flat] = {"step": torch.tensor(0.0), **{k: torch.zeros_like(flat) for k in ADAM_STATE}}
