@@ -2,8 +2,9 @@
 
 One torchrun launch of two processes runs every DeepSpeed run (starting processes is the slow part): DRaFT with
 gradient accumulation, a learning-rate warm-up and a step whose loss is forced non-finite on one process (skipped
-on both), and GRPO, for ZeRO-2 and ZeRO-3 each, and the ZeRO-3 DRaFT run resumed from its checkpoint at step 2; one
-plain process with the same global batch runs the references.
+on both), and GRPO, for ZeRO-2 (with an EMA, from the example accelerate config) and ZeRO-3 (every weight
+partitioned) each, and both DRaFT runs resumed from their checkpoint at step 2; one plain process with the same
+global batch runs the references.
 """
 
 import json
@@ -56,6 +57,8 @@ DRIVER = textwrap.dedent(
             trainer.objective.loss = forced
         trainer.train()
         final = {k: v.contiguous() for k, v in trainer._trainable_state().items()}  # a collective when sharded
+        if trainer.ema is not None:  # whole on every process (unsharded, ZeRO-2)
+            final.update({f"ema.{n}": e.contiguous() for n, e in zip(trainer.param_names, trainer.ema)})
         if trainer.is_main:
             save_file(final, f"{out}/{name}.safetensors")
             stage = trainer.engine.zero_optimization_stage() if trainer.engine is not None else 0
@@ -73,8 +76,8 @@ def _free_port() -> int:
 
 
 def _runs(tmp_path, model: str, batch_size: int, out: str, sharded: bool) -> dict:
-    """DRaFT (2 micro-steps per step, warm-up) and GRPO runs; sharded: one of each per ZeRO stage, and the ZeRO-3
-    DRaFT run resumed from its checkpoint at step 2 (into another folder) to its last step."""
+    """DRaFT (2 micro-steps per step, warm-up; an EMA but under ZeRO-3) and GRPO runs; sharded: one of each per ZeRO
+    stage, and each DRaFT run resumed from its checkpoint at step 2 (into another folder) to its last step."""
     base = {
         "model": model, "device": "cpu", "prompts": PROMPTS, "sample_every": 0, "num_samples": 2,
         "lora": {"enabled": False}, "batch_size": batch_size,
@@ -85,17 +88,23 @@ def _runs(tmp_path, model: str, batch_size: int, out: str, sharded: bool) -> dic
     grpo = {**base, "method": "grpo", "reward": "jpeg_compressibility", "checkpoint_every": 0, "max_steps": 2,
             "grpo": {"num_steps": 3, "eval_num_steps": 3, "learning_rate": 1e-3, "group_size": 2, "rollout_prompts": 2}}
     if not sharded:
-        return {"draft": {**draft, "output_dir": str(tmp_path / out / "draft")},
+        return {"draft": {**draft, "ema_decay": 0.5, "output_dir": str(tmp_path / out / "draft")},
                 "grpo": {**grpo, "output_dir": str(tmp_path / out / "grpo")}}
     runs = {}
-    for stage, ds_config in ((2, str(tmp_path / "zero2.json")),
-                             (3, str(ACCELERATE_CONFIGS / "deepspeed_zero3_1node_8gpu.yaml"))):
+    for stage, ds_config, ema in ((2, str(ACCELERATE_CONFIGS / "deepspeed_zero2_1node_8gpu.yaml"), 0.5),
+                                  (3, str(tmp_path / "zero3.json"), 0.0)):
         ds = {"deepspeed_config": ds_config}
-        runs[f"draft_z{stage}"] = {**draft, **ds, "output_dir": str(tmp_path / out / f"draft_z{stage}")}
+        runs[f"draft_z{stage}"] = {**draft, **ds, "ema_decay": ema, "output_dir": str(tmp_path / out / f"draft_z{stage}")}
         runs[f"grpo_z{stage}"] = {**grpo, **ds, "output_dir": str(tmp_path / out / f"grpo_z{stage}")}
-    runs["draft_z3_resumed"] = {**runs["draft_z3"], "output_dir": str(tmp_path / out / "resumed"),
-                                "resume": str(tmp_path / out / "draft_z3" / "checkpoints" / "step-00000002")}
+        runs[f"draft_z{stage}_resumed"] = {
+            **runs[f"draft_z{stage}"], "output_dir": str(tmp_path / out / f"resumed_z{stage}"),
+            "resume": str(tmp_path / out / f"draft_z{stage}" / "checkpoints" / "step-00000002")}
     return runs
+
+
+#: ZeRO-3 with every weight partitioned (DeepSpeed keeps weights under 1e5 elements whole by default: all of the tiny
+#: model's but a few)
+ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 
 
 #: the (step, micro-step) whose loss is forced non-finite in the DRaFT runs: the step is skipped after its first
@@ -108,7 +117,7 @@ def deepspeed_runs(tmp_path_factory):
     """Every run on two DeepSpeed processes (torchrun, gloo) with batch 1 each and on one plain process with batch 2."""
     tmp_path = tmp_path_factory.mktemp("deepspeed")
     tiny_pipeline("sd").save_pretrained(tmp_path / "model")
-    (tmp_path / "zero2.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    (tmp_path / "zero3.json").write_text(json.dumps(ZERO3))
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     (tmp_path / "two").mkdir()
@@ -145,26 +154,35 @@ def test_two_deepspeed_processes_train_what_one_plain_process_trains(deepspeed_r
     initial = load_file(deepspeed_runs / "model" / "unet" / "diffusion_pytorch_model.safetensors")
     for method in ("draft", "grpo"):
         got, want = load_file(two / f"{method}_z{stage}.safetensors"), load_file(one / f"{method}.safetensors")
+        if not (method == "draft" and stage == 2):  # the EMA: under ZeRO-2 only
+            want = {k: v for k, v in want.items() if not k.startswith("ema.")}
         assert got.keys() == want.keys()
-        moved = _norm({k: want[k] - initial[k.removeprefix("denoiser.")] for k in want})
-        apart = _norm({k: got[k] - want[k] for k in want}) / moved
-        # equal up to float32 summation order (DeepSpeed's reduction instead of one batch), which Adam amplifies on
-        # weights whose gradient is near zero; other samples, another learning rate (the warm-up), the gradients of
-        # the skipped step's first micro-step kept, or a gradient not reduced would differ by O(1) of the update
-        assert moved > 0.1 and apart < 1e-3, (method, stage, moved, apart)
+        for part in ("denoiser.", "ema.denoiser."):  # the trained weights, then their EMA
+            keys = [k for k in want if k.startswith(part)]
+            if not keys:
+                continue
+            moved = _norm({k: want[k] - initial[k.removeprefix(part)] for k in keys})
+            apart = _norm({k: got[k] - want[k] for k in keys}) / moved
+            # equal up to float32 summation order (DeepSpeed's reduction instead of one batch), which Adam amplifies
+            # on weights whose gradient is near zero; other samples, another learning rate (the warm-up), the
+            # gradients of the skipped step's first micro-step kept, or a gradient not reduced: O(1) of the update
+            assert moved > 0.1 and apart < 1e-3, (method, stage, part, moved, apart)
     records = [json.loads(line) for line in (two / f"draft_z{stage}" / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in records if "lr" in r]
     assert lrs == pytest.approx([5e-4, 1e-3, 1e-3])  # warm-up, then linear decay: what the weights followed
 
 
-def test_deepspeed_resume_is_exact_and_the_checkpoint_holds_full_weights(deepspeed_runs):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_resume_is_exact_and_the_checkpoint_holds_full_weights(deepspeed_runs, stage):
     two = deepspeed_runs / "two"
-    straight, resumed = load_file(two / "draft_z3.safetensors"), load_file(two / "draft_z3_resumed.safetensors")
+    straight = load_file(two / f"draft_z{stage}.safetensors")
+    resumed = load_file(two / f"draft_z{stage}_resumed.safetensors")
+    assert straight.keys() == resumed.keys()
     for k in straight:
-        assert torch.equal(straight[k], resumed[k]), k  # bitwise
-    ckpt = two / "draft_z3" / "checkpoints" / "step-00000003"
+        assert torch.equal(straight[k], resumed[k]), k  # weights (and EMA), bitwise
+    ckpt = two / f"draft_z{stage}" / "checkpoints" / "step-00000003"
     saved = load_file(ckpt / "trainable.safetensors")
-    assert saved.keys() == straight.keys()
+    assert saved.keys() == {k for k in straight if not k.startswith("ema.")}
     for k, v in saved.items():
         assert torch.equal(v, straight[k]), k  # the full (gathered) weights, not a partition
     optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True)
@@ -180,10 +198,11 @@ def test_deepspeed_saves_the_full_denoiser_in_diffusers_format(deepspeed_runs, s
 
     unet = UNet2DConditionModel.from_pretrained(deepspeed_runs / "two" / f"draft_z{stage}" / "unet")
     final = load_file(deepspeed_runs / "two" / f"draft_z{stage}.safetensors")
+    prefix = "ema.denoiser." if stage == 2 else "denoiser."  # the EMA when there is one, else the trained weights
     state = unet.state_dict()
-    assert state.keys() == {k.removeprefix("denoiser.") for k in final}
+    assert state.keys() == {k.removeprefix(prefix) for k in final if k.startswith(prefix)}
     for k, v in state.items():
-        assert torch.equal(v, final[f"denoiser.{k}"]), k
+        assert torch.equal(v, final[prefix + k]), k
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -222,7 +241,7 @@ def test_deepspeed_configs_are_checked_against_the_trainer(change, match):
     [({"deepspeed_config": "missing.json"}, "is not a file"),
      ({"deepspeed_config": "{zero2}", "lora": {"enabled": True}}, "LoRA always trains unsharded"),
      ({"deepspeed_config": "{zero2}", "sharding": "fsdp"}, "accepted: 'auto' or 'deepspeed'"),
-     ({"deepspeed_config": "{zero2}", "ema_decay": 0.9}, "ema_decay=0.9 with DeepSpeed"),
+     ({"deepspeed_config": "{zero3}", "ema_decay": 0.9}, "ema_decay=0.9 with DeepSpeed ZeRO-3"),
      ({"deepspeed_config": "{zero2}", "mixed_precision": "fp16"}, "accepted: bf16"),
      ({"deepspeed_config": "{zero1}"}, "zero_stage=1"),
      ({"deepspeed_config": "{bad_yaml}"}, "unknown key 'zero_stag'"),
@@ -230,12 +249,13 @@ def test_deepspeed_configs_are_checked_against_the_trainer(change, match):
      ({"deepspeed_config": "{zero2}", "draft": {"max_grad_norm": 0.5}, "lora": {"enabled": False}}, "max_grad_norm")],
 )
 def test_bad_deepspeed_settings_are_refused(tmp_path, overrides, match):
-    files = {"zero2": {"zero_optimization": {"stage": 2}}, "zero1": {"zero_optimization": {"stage": 1}}}
+    files = {"zero2": {"zero_optimization": {"stage": 2}}, "zero1": {"zero_optimization": {"stage": 1}}, "zero3": ZERO3}
     for name, content in files.items():
         (tmp_path / f"{name}.json").write_text(json.dumps({**content, "gradient_clipping": 1.0}))
     (tmp_path / "bad_yaml.yaml").write_text("distributed_type: DEEPSPEED\ndeepspeed_config:\n  zero_stag: 2\n")
     (tmp_path / "zero3_init.yaml").write_text("deepspeed_config:\n  zero_stage: 3\n  zero3_init_flag: true\n")
     paths = {"{zero2}": str(tmp_path / "zero2.json"), "{zero1}": str(tmp_path / "zero1.json"),
+             "{zero3}": str(tmp_path / "zero3.json"),
              "{bad_yaml}": str(tmp_path / "bad_yaml.yaml"), "{zero3_init}": str(tmp_path / "zero3_init.yaml")}
     overrides = {**overrides, "deepspeed_config": paths.get(overrides["deepspeed_config"], overrides["deepspeed_config"])}
     settings = {"output_dir": "runs/x", "lora": {"enabled": False}, **overrides}
@@ -268,3 +288,72 @@ def test_the_published_deepspeed_benchmark_partitions_each_process_state():
             assert rank["gradients_mb"] == pytest.approx(half, rel=1e-3), name
             assert rank["weights_mb"] == pytest.approx(module + half, rel=1e-3), name  # the module's + the master
     assert "| zero3-2 | 2 | deepspeed |" in render("sharding_deepspeed_cpu")
+
+
+# ---------------------------------------------------------------------------------------------- no hangs
+HANG_DRIVER = textwrap.dedent(
+    """
+    import json, sys, time
+    from align.core.config import from_dict
+    from align.train.trainer import TrainConfig, Trainer
+
+    trainer = Trainer(from_dict(TrainConfig, json.loads(sys.argv[1])), progress=False)
+    trainer.setup()
+    step = trainer.train_step
+    def stalling_step():
+        if trainer.rank == 1:
+            open(sys.argv[2], "w").close()
+            time.sleep(3600)  # hangs (the test stops it)
+        return step()
+    trainer.train_step = stalling_step
+    trainer.train()
+    """
+)
+
+
+@pytest.mark.slow  # one launch that waits out the timeout: about 40 s on 2 shared cores
+def test_a_hung_process_stops_the_others_within_the_timeout_under_zero3(tmp_path):
+    """Rank 1 hangs (SIGSTOP) before its first step; rank 0, waiting in ZeRO-3's first all-gather (DeepSpeed's own
+    process group), exits with an error naming distributed_timeout_s instead of waiting forever."""
+    import signal
+    import time
+
+    tiny_pipeline("sd").save_pretrained(tmp_path / "model")
+    (tmp_path / "zero3.json").write_text(json.dumps(ZERO3))
+    timeout = 8
+    config = {
+        "model": str(tmp_path / "model"), "device": "cpu", "prompts": PROMPTS, "sample_every": 0, "num_samples": 1,
+        "checkpoint_every": 0, "max_steps": 4, "batch_size": 1, "lora": {"enabled": False},
+        "deepspeed_config": str(tmp_path / "zero3.json"), "distributed_timeout_s": timeout,
+        "output_dir": str(tmp_path / "run"), "draft": {"num_steps": 2},
+    }
+    script = tmp_path / "driver.py"
+    script.write_text(HANG_DRIVER)
+    marker = tmp_path / "rank1-stalled"
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen([sys.executable, str(script), json.dumps(config), str(marker)], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    rank0, rank1 = procs
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert rank0.poll() is None and rank1.poll() is None, rank0.stderr.read()[-3000:] if rank0.poll() else ""
+            assert time.monotonic() < deadline, "rank 1 never reached its first step"
+            time.sleep(0.2)
+        stalled = time.monotonic()
+        os.kill(rank1.pid, signal.SIGSTOP)
+        _, err = rank0.communicate(timeout=timeout + 90)
+        waited = time.monotonic() - stalled
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+    assert rank0.returncode not in (0, None)
+    assert "distributed_timeout_s" in err, err[-3000:]
+    assert timeout - 1 <= waited <= timeout + 45, waited  # only the timeout ends the wait
+    print(f"rank 0 stopped {waited:.1f} s after rank 1 hung (timeout {timeout} s)")

@@ -37,7 +37,7 @@ gradient norm is not finite, in fp32 as in bf16; a non-finite loss on any proces
 before its boundary (:func:`discard_gradients`).  Checkpoints hold the full fp32 master weights and the
 full AdamW state keyed by parameter name, gathered with DeepSpeed's ``safe_get_full_*`` and set back
 with ``safe_set_full_*`` (:func:`deepspeed_full_weights`, :func:`load_deepspeed_state`), so resume is
-exact.  No EMA under DeepSpeed (it would have to follow ZeRO-3's partitions); fp16 and offloading are
+exact.  An EMA is kept under ZeRO-2 (whole weights) and refused under ZeRO-3; fp16 and offloading are
 refused.
 """
 
@@ -359,6 +359,24 @@ def check_deepspeed_config(ds_config: Mapping[str, Any], *, max_grad_norm: float
             raise ConfigError(f"the DeepSpeed config sets {key} device={device!r}; accepted: none (offloading is not "
                               "supported by the trainer yet)")
     return stage
+
+
+def check_deepspeed_ema(stage: int, ema_decay: float) -> None:
+    """An EMA is kept under ZeRO-2 (the module's weights are whole on every process, as in an unsharded run) but
+    refused under ZeRO-3, whose weights exist only as partitions."""
+    if stage == 3 and ema_decay > 0:
+        raise ConfigError(f"ema_decay={ema_decay} with DeepSpeed ZeRO-3; accepted: ema_decay=0, or ZeRO-2, or "
+                          "sharding='fsdp'")
+
+
+def broadcast_from_main(full: Tensor | None, like: Tensor) -> Tensor:
+    """The main process's ``full`` on every process, shaped and typed as ``like`` (a collective; the other processes
+    pass None)."""
+    import torch.distributed as dist
+
+    value = full.to(like.device, like.dtype).contiguous() if dist.get_rank() == 0 else torch.empty_like(like)
+    dist.broadcast(value, src=0)
+    return value
 
 
 def engine_config(ds_config: Mapping[str, Any], *, batch_size: int, max_grad_norm: float, bf16: bool) -> dict[str, Any]:

@@ -67,7 +67,9 @@ from align.train.methods import (
 from align.train.objectives import Objective, make_objective
 from align.train.sharding import (
     SHARDING,
+    broadcast_from_main,
     check_deepspeed_config,
+    check_deepspeed_ema,
     check_zero3_init,
     clip_grad_norm,
     deepspeed_backward,
@@ -170,7 +172,7 @@ class TrainConfig:
             state sharded over the processes, fp32 master weights, compute in the mixed-precision dtype; bf16 or
             no, not fp16), deepspeed (DeepSpeed ZeRO-2 or ZeRO-3, from an accelerate DeepSpeed launch config or
             deepspeed_config: fp32 master weights, gradients and Adam state partitioned over the processes, and
-            under ZeRO-3 the weights too; bf16 or no, not fp16; no EMA). LoRA runs always take the unsharded path.
+            under ZeRO-3 the weights too; bf16 or no, not fp16; EMA under ZeRO-2 only). LoRA runs always take the unsharded path.
             See examples/accelerate/.
         deepspeed_config: a DeepSpeed JSON file or an accelerate DeepSpeed YAML (its deepspeed_config section) for a
             run not launched by accelerate's DeepSpeed launcher (torchrun, plain accelerate launch); implies
@@ -276,10 +278,9 @@ class TrainConfig:
                                   "lora.enabled=false, or drop deepspeed_config")
             if self.sharding not in ("auto", "deepspeed"):
                 raise ConfigError(f"sharding={self.sharding!r} with deepspeed_config set; accepted: 'auto' or 'deepspeed'")
-            check_deepspeed_config(load_deepspeed_config(self.deepspeed_config),
-                                   max_grad_norm=self.method_config.max_grad_norm)
-        if deepspeed and self.ema_decay > 0:
-            raise ConfigError(f"ema_decay={self.ema_decay} with DeepSpeed; accepted: ema_decay=0, or sharding='fsdp'")
+            stage = check_deepspeed_config(load_deepspeed_config(self.deepspeed_config),
+                                           max_grad_norm=self.method_config.max_grad_norm)
+            check_deepspeed_ema(stage, self.ema_decay)
         check_output_dir("output_dir", self.output_dir)
         if self.method_config.kl_weight > 0 and not self.lora.enabled:
             raise ConfigError(
@@ -390,8 +391,6 @@ class Trainer:
         self.rank = acc.process_index
         self.sharding = resolve_sharding(cfg.sharding, acc.distributed_type.name, self.num_processes, cfg.lora.enabled,
                                          deepspeed_config=cfg.deepspeed_config is not None)
-        if self.sharding == "deepspeed" and cfg.ema_decay > 0:
-            raise ConfigError(f"ema_decay={cfg.ema_decay} with DeepSpeed; accepted: ema_decay=0, or sharding='fsdp'")
         if self.sharding != "none" and acc.mixed_precision == "fp16":
             raise ConfigError(
                 f"sharding={self.sharding!r} with mixed_precision='fp16' (from the accelerate config or auto); "
@@ -484,6 +483,7 @@ class Trainer:
                 ds_config = load_deepspeed_config(cfg.deepspeed_config)
             ds_config = engine_config(ds_config, batch_size=cfg.batch_size, max_grad_norm=self.method.max_grad_norm,
                                       bf16=acc.mixed_precision == "bf16")
+            check_deepspeed_ema(ds_config["zero_optimization"]["stage"], cfg.ema_decay)
             self.engine = prepare_deepspeed(model.module, self.optimizer, ds_config, cfg.distributed_timeout_s)
             logger.info("DeepSpeed ZeRO-%d over %d processes", self.engine.zero_optimization_stage(), self.num_processes)
         self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
@@ -582,7 +582,7 @@ class Trainer:
                 discard_gradients(self.engine)  # those of the micro-steps before the bad one
         elif self.engine is not None:
             # ZeRO clips at max_grad_norm, and skips a step whose gradient norm is not finite (dropping its gradients)
-            self.engine.step()
+            self.engine.step()  # ZeRO-2 then copies the new master weights into the module's (whole) weights
             grad_norm = float(self.engine.get_global_grad_norm())
             skipped = not self.engine.was_step_applied()
         else:
@@ -598,10 +598,10 @@ class Trainer:
                 # under fp16 the loss scaler skips steps with inf/nan gradients itself
                 self.optimizer.step()
                 skipped = bool(getattr(self.optimizer, "step_was_skipped", False))
-                if not skipped and self.ema is not None:
-                    with torch.no_grad():
-                        for e, p in zip(self.ema, self.params):
-                            e.lerp_(p.detach(), 1.0 - cfg.ema_decay)
+        if not skipped and self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema, self.params):
+                    e.lerp_(p.detach(), 1.0 - cfg.ema_decay)
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
         lr = float(self.lr_scheduler.get_last_lr()[0])  # the rate this step used
@@ -742,9 +742,11 @@ class Trainer:
                     key = f"ema.{name}"
                     if key not in ckpt.extra_keys:
                         continue
-                    if sharded:  # the main process's copy, split into this process's shard
+                    if self.sharding == "fsdp":  # the main process's copy, split into this process's shard
                         full = ckpt.extra[key] if self.is_main else torch.empty(e.shape, dtype=e.dtype)
                         e.to_local().copy_(shard_like(full, e))
+                    elif sharded:  # ZeRO-2: the main process's copy, whole on every process
+                        e.copy_(broadcast_from_main(ckpt.extra.get(key), e))
                     else:
                         e.copy_(ckpt.extra[key].to(e.device, e.dtype))
         reward_state = {k[len("reward.") :]: v for k, v in ckpt.extra.items() if k.startswith("reward.")}
@@ -778,7 +780,9 @@ class Trainer:
             with _swapped(self.params, self.ema):  # collectives; the weights land on the main process
                 if self.sharding == "fsdp":
                     full = full_model_state(self.model.module)
-                else:  # the fp32 master weights (there is no EMA under DeepSpeed)
+                elif self.ema is not None:  # ZeRO-2: the EMA is whole on every process
+                    full = {n.removeprefix("denoiser."): e.detach().cpu() for n, e in zip(self.param_names, self.ema)}
+                else:  # the fp32 master weights
                     full = {k.removeprefix("denoiser."): v for k, v in self._trainable_state().items()}
             if self.is_main:
                 path = atomic_directory(target, lambda tmp: save_full_denoiser(self.model.module, full, tmp))
