@@ -136,7 +136,8 @@ def run_variant(name: str, model: str, args, folder: Path) -> dict[str, Any]:
         config.update(height=args.resolution, width=args.resolution)
     if stage:
         ds_config = folder / f"zero{stage}.json"
-        ds_config.write_text(json.dumps({"zero_optimization": {"stage": stage}}))
+        zero = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}  # all partitioned
+        ds_config.write_text(json.dumps({"zero_optimization": zero}))
         config["deepspeed_config"] = str(ds_config)
     job = {"config": config, "steps": args.steps, "result": str(folder / f"{name}.json")}
     launcher = [sys.executable] if processes == 1 else [

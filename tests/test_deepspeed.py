@@ -299,6 +299,11 @@ HANG_DRIVER = textwrap.dedent(
 
     trainer = Trainer(from_dict(TrainConfig, json.loads(sys.argv[1])), progress=False)
     trainer.setup()
+    if trainer.rank == 0:  # the timeout of DeepSpeed's own process group (its gradient reductions)
+        import torch
+        from deepspeed.utils import groups
+        backend = groups._WORLD_GROUP._get_backend(torch.device("cpu"))
+        open(sys.argv[2] + ".timeout", "w").write(str(backend.options._timeout.total_seconds()))
     step = trainer.train_step
     def stalling_step():
         if trainer.rank == 1:
@@ -313,8 +318,9 @@ HANG_DRIVER = textwrap.dedent(
 
 @pytest.mark.slow  # one launch that waits out the timeout: about 40 s on 2 shared cores
 def test_a_hung_process_stops_the_others_within_the_timeout_under_zero3(tmp_path):
-    """Rank 1 hangs (SIGSTOP) before its first step; rank 0, waiting in ZeRO-3's first all-gather (DeepSpeed's own
-    process group), exits with an error naming distributed_timeout_s instead of waiting forever."""
+    """Rank 1 hangs (SIGSTOP) before its first step; rank 0, waiting in ZeRO-3's first all-gather of weights, exits
+    with an error naming distributed_timeout_s instead of waiting forever. DeepSpeed's own process group (the one
+    its gradient reductions use; torch would give it the 30-minute default) has that timeout too."""
     import signal
     import time
 
@@ -356,4 +362,5 @@ def test_a_hung_process_stops_the_others_within_the_timeout_under_zero3(tmp_path
     assert rank0.returncode not in (0, None)
     assert "distributed_timeout_s" in err, err[-3000:]
     assert timeout - 1 <= waited <= timeout + 45, waited  # only the timeout ends the wait
+    assert float(Path(str(marker) + ".timeout").read_text()) == timeout
     print(f"rank 0 stopped {waited:.1f} s after rank 1 hung (timeout {timeout} s)")
