@@ -214,7 +214,7 @@ class CheckpointManager:
         """Load a checkpoint (default: the latest complete one).
 
         ``weights=False`` leaves out the trained weights, the optimiser state and the EMA weights (a process
-        that receives its shards from the main process under FSDP: one full copy in CPU memory per machine
+        that receives its shards from the main process under sharding (FSDP, DeepSpeed): one full copy in CPU memory per machine
         would otherwise become one per process).
         """
         target = Path(path) if path is not None else self.latest()
