@@ -175,9 +175,9 @@ def test_nft_raises_a_black_box_reward_of_the_builtin_model(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["diffusion_nft", "diffusion_dpo"])
-def test_sharded_full_fine_tuning_is_refused_with_what_is_accepted(tmp_path, method):
-    """The old policy (NFT) and the frozen reference (DPO, full fine-tuning) are whole copies of the trained weights,
-    which a sharded run would keep and checkpoint per shard: refused until they are sharded too."""
+def test_deepspeed_full_fine_tuning_is_refused_with_what_is_accepted(tmp_path, method):
+    """The old policy (NFT) and the frozen reference (DPO, full fine-tuning) are copies of the trained weights, sharded
+    like them under FSDP (tests/test_sharding.py) but not partitioned under DeepSpeed: refused there."""
     from align.core.errors import ConfigError
     from align.train.objectives import OBJECTIVES
 
@@ -188,6 +188,6 @@ def test_sharded_full_fine_tuning_is_refused_with_what_is_accepted(tmp_path, met
     cfg = from_dict(TrainConfig, data)
     trainer = Trainer(cfg, model=DiffusionModel(tiny_pipeline("sd")), progress=False)
     trainer.setup()
-    trainer.sharding = "fsdp"  # what a multi-process run with sharding=fsdp resolves to
-    with pytest.raises(ConfigError, match=f"{method} with sharding='fsdp'.*accepted: LoRA"):
+    trainer.sharding = "deepspeed"  # what a run launched with a DeepSpeed config resolves to
+    with pytest.raises(ConfigError, match=f"{method} with sharding='deepspeed'.*accepted: LoRA.*sharding=none or fsdp"):
         OBJECTIVES[method](trainer)

@@ -1,8 +1,9 @@
 """Sharded full fine-tuning (FSDP2 over gloo on the CPU), its checkpoints, and runs that cannot hang.
 
 One torchrun launch of two processes runs every FSDP check (starting processes is the slow part):
-reward backprop with EMA, a stop-and-resume of the same run, and GRPO; one plain process with the
-same global batch runs the references.
+reward backprop with EMA, a stop-and-resume of the same run, GRPO, DiffusionNFT (its old policy a
+sharded copy) with a stop-and-resume, and offline Diffusion-DPO (its frozen reference a sharded copy);
+one plain process with the same global batch runs the references.
 """
 
 import json
@@ -18,10 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_dpo_training import preference_folder
 
 from align.builtin.testing import tiny_pipeline
 from align.core.config import from_dict
 from align.core.errors import ConfigError
+from align.core.models import DiffusionModel
 from align.train.sharding import FSDPSettings, resolve_sharding, wrap_units
 from align.train.trainer import TrainConfig
 
@@ -37,8 +40,11 @@ DRIVER = textwrap.dedent(
 
     def weights(trainer):
         full = {n: full_tensor(p.detach()).contiguous() for n, p in zip(trainer.param_names, trainer.params)}
-        if trainer.ema is not None:
-            full.update({f"ema.{n}": full_tensor(e).contiguous() for n, e in zip(trainer.param_names, trainer.ema)})
+        copies = {"ema": trainer.ema, "old": getattr(trainer.objective, "old", None),
+                  "frozen": getattr(trainer.objective, "frozen", None)}
+        for prefix, copy in copies.items():  # the weight copies, gathered whole
+            if copy is not None:
+                full.update({f"{prefix}.{n}": full_tensor(w).contiguous() for n, w in zip(trainer.param_names, copy)})
         return full
 
     for name, config in json.loads(sys.argv[1]).items():
@@ -59,7 +65,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _runs(tmp_path, model: str, batch_size: int, out: str, resume: bool) -> dict:
+#: the weight copies the driver saves beside the trained weights (EMA, NFT's old policy, DPO's frozen reference)
+COPIES = ("ema.", "old.", "frozen.")
+
+
+def _runs(tmp_path, model: str, batch_size: int, out: str, resume: bool, preferences: str) -> dict:
     base = {
         "model": model, "device": "cpu", "prompts": PROMPTS, "sample_every": 0, "num_samples": 2,
         "lora": {"enabled": False}, "sharding": "fsdp", "batch_size": batch_size,
@@ -69,19 +79,37 @@ def _runs(tmp_path, model: str, batch_size: int, out: str, resume: bool) -> dict
     grpo = {**base, "method": "grpo", "reward": "jpeg_compressibility", "checkpoint_every": 0,
             "grpo": {"num_steps": 3, "eval_num_steps": 3, "learning_rate": 1e-3, "group_size": 2,
                      "rollout_prompts": 2}}
+    # one rollout of 4 samples per optimiser step (2 micro-batches of 2 samples over all processes); the old policy
+    # follows the trained weights softly at each new rollout (decay 0.3)
+    nft = {**base, "method": "diffusion_nft", "reward": "jpeg_compressibility", "checkpoint_every": 1,
+           "diffusion_nft": {"num_steps": 2, "eval_num_steps": 2, "learning_rate": 1e-3, "group_size": 2,
+                             "rollout_prompts": 2, "old_decay_rate": 0.3, "kl_weight": 0.0}}
+    # 4 preference pairs, 2 per optimiser step over all processes
+    dpo = {**base, "method": "diffusion_dpo", "checkpoint_every": 0,
+           "diffusion_dpo": {"data": preferences, "num_steps": 2, "learning_rate": 1e-3, "guidance_scale": 1.0}}
     runs = {
         "draft": {**draft, "max_steps": 4, "output_dir": str(tmp_path / out / "draft")},
         "grpo": {**grpo, "max_steps": 2, "output_dir": str(tmp_path / out / "grpo")},
+        "nft": {**nft, "max_steps": 2, "output_dir": str(tmp_path / out / "nft")},
+        "dpo": {**dpo, "max_steps": 2, "output_dir": str(tmp_path / out / "dpo")},
     }
-    if resume:  # the same run stopped after 2 steps, then resumed from its checkpoint to 4
+    if resume:  # the same runs stopped half-way, then resumed from their checkpoints; NFT's second rollout first
+        # updates the old policy (restored from the checkpoint) toward the resumed weights
         runs["draft_half"] = {**draft, "max_steps": 2, "output_dir": str(tmp_path / out / "resumed")}
         runs["draft_resumed"] = {**draft, "max_steps": 4, "resume": "latest", "output_dir": str(tmp_path / out / "resumed")}
+        runs["nft_half"] = {**nft, "max_steps": 1, "output_dir": str(tmp_path / out / "nft_resumed")}
+        runs["nft_resumed"] = {**nft, "max_steps": 2, "resume": "latest", "output_dir": str(tmp_path / out / "nft_resumed")}
     return runs
 
 
 def _norm(tensors: dict[str, torch.Tensor]) -> float:
     """The L2 norm of all the tensors together."""
     return float(torch.cat([t.flatten() for t in tensors.values()]).norm())
+
+
+def _mean_abs(tensors: dict[str, torch.Tensor]) -> float:
+    """The mean absolute entry of all the tensors together."""
+    return float(torch.cat([t.flatten() for t in tensors.values()]).abs().mean())
 
 
 @pytest.fixture(scope="module")
@@ -94,15 +122,17 @@ def fsdp_runs(tmp_path_factory):
     (tmp_path / "two").mkdir()
     (tmp_path / "one").mkdir()
     model = str(tmp_path / "model")
+    preferences = str(preference_folder(tmp_path / "preferences", DiffusionModel(tiny_pipeline("sd")), "brightness",
+                                        PROMPTS, 4, num_steps=2))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         str(script), json.dumps(_runs(tmp_path, model, 1, "two", resume=True)), str(tmp_path / "two")],
+         str(script), json.dumps(_runs(tmp_path, model, 1, "two", resume=True, preferences=preferences)), str(tmp_path / "two")],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert two.returncode == 0, two.stderr[-4000:]
     one = subprocess.run(
-        [sys.executable, str(script), json.dumps(_runs(tmp_path, model, 2, "one", resume=False)), str(tmp_path / "one")],
+        [sys.executable, str(script), json.dumps(_runs(tmp_path, model, 2, "one", resume=False, preferences=preferences)), str(tmp_path / "one")],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert one.returncode == 0, one.stderr[-4000:]
@@ -118,23 +148,43 @@ def test_two_fsdp_processes_train_what_one_plain_process_trains(fsdp_runs):
     assert json.loads((two / "draft.json").read_text()) == {"sharding": "fsdp", "processes": 2}
     assert json.loads((one / "draft.json").read_text()) == {"sharding": "none", "processes": 1}  # one: unsharded
     initial = load_file(fsdp_runs / "model" / "unet" / "diffusion_pytorch_model.safetensors")
-    for run in ("draft", "grpo"):
+    for run in ("draft", "grpo", "nft", "dpo"):
         got, want = _load(two, run), _load(one, run)
         assert got.keys() == want.keys()
-        trained = [k for k in want if not k.startswith("ema.")]
-        moved = _norm({k: want[k] - initial[k.removeprefix("denoiser.")] for k in trained})
-        apart = _norm({k: got[k] - want[k] for k in want}) / moved
+        trained = [k for k in want if not k.startswith(COPIES)]
+        update = {k: want[k] - initial[k.removeprefix("denoiser.")] for k in trained}
+        difference = {k: got[k] - want[k] for k in want}
+        moved = _norm(update)
+        apart = _norm(difference) / moved
         # equal up to float32 summation order (a reduce-scatter instead of one batch), which Adam amplifies on
-        # weights whose gradient is near zero (2e-4 of the update measured for GRPO, 5e-6 for DRaFT); other
-        # samples, or a gradient not reduced, would differ by O(1) of the update
-        assert moved > 0.1 and apart < 1e-3, (run, moved, apart)
+        # weights whose gradient is near zero (relative L2 2e-4 of the update measured for GRPO, 2e-5 NFT, 5e-6 DRaFT,
+        # 4e-3 DPO: 10 of its 2e5 weights move up to 2 lr apart); other samples, or a gradient not reduced, would
+        # differ by O(1) of the update. So DPO is also held to the mean difference (2e-4 of the mean update measured)
+        assert moved > 0.1 and apart < (2e-2 if run == "dpo" else 1e-3), (run, moved, apart)
+        mean_apart = _mean_abs(difference) / _mean_abs(update)
+        assert mean_apart < 2e-3, (run, mean_apart)
+    # the sharded copies: NFT's old policy moved (it followed the trained weights), DPO's reference did not
+    for side in (two, one):
+        nft, dpo = _load(side, "nft"), _load(side, "dpo")
+        assert _norm({k: nft[k] - initial[k.removeprefix("old.denoiser.")] for k in nft if k.startswith("old.")}) > 0.01
+        assert all(torch.equal(v, initial[k.removeprefix("frozen.denoiser.")]) for k, v in dpo.items()
+                   if k.startswith("frozen.")), side
 
 
 def test_fsdp_resume_is_exact_and_the_checkpoint_holds_full_weights(fsdp_runs):
     two = fsdp_runs / "two"
-    straight, resumed = _load(two, "draft"), _load(two, "draft_resumed")
-    for k in straight:
-        assert torch.equal(straight[k], resumed[k]), k  # weights and EMA, bitwise
+    for run in ("draft", "nft"):
+        straight, resumed = _load(two, run), _load(two, f"{run}_resumed")
+        assert straight.keys() == resumed.keys()
+        for k in straight:
+            assert torch.equal(straight[k], resumed[k]), (run, k)  # weights, EMA and the old policy, bitwise
+    # the NFT checkpoint holds the whole old policy (gathered), which the resumed run continued from
+    nft_ckpt = load_file(two / "nft" / "checkpoints" / "step-00000002" / "extra.safetensors")
+    old = {k.removeprefix("objective."): v for k, v in nft_ckpt.items() if k.startswith("objective.old.")}
+    nft = _load(two, "nft")
+    assert old.keys() == {k for k in nft if k.startswith("old.")}
+    assert all(torch.equal(v, nft[k]) for k, v in old.items())
+    straight = _load(two, "draft")
     ckpt = two / "draft" / "checkpoints" / "step-00000004"
     saved = load_file(ckpt / "trainable.safetensors")
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in straight.items() if not k.startswith("ema.")}

@@ -167,13 +167,14 @@ class PolicyGradientObjective(Objective):
         self._executor: ThreadPoolExecutor | None = None
 
     def _refuse_sharded_copy(self, what: str) -> None:
-        """A copy of the trained weights (``what``) is kept whole and checkpointed by the main process only, so a
-        sharded full fine-tuning run would keep and save one shard of it: refused with what is accepted."""
+        """A copy of the trained weights (``what``) is sharded like them under FSDP, but DeepSpeed's partitioned
+        weights have no such copy here: refused with what is accepted."""
         sharding = getattr(self.trainer, "sharding", "none")
-        if sharding != "none":
+        if sharding not in ("none", "fsdp"):
             raise ConfigError(
                 f"{self.trainer.method.name} with sharding={sharding!r}: {what} is a copy of the trained weights, not "
-                "sharded yet; accepted: LoRA (lora.enabled=true), or full fine-tuning with sharding=none"
+                "partitioned by DeepSpeed; accepted: LoRA (lora.enabled=true), or full fine-tuning with sharding=none "
+                "or fsdp"
             )
 
     def _init_clean_rollouts(self, schedule: SamplingSchedule, rollout_size: int, group_size: int,
