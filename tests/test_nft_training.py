@@ -5,6 +5,7 @@ old policy's soft update, exact resume, 2 processes == 1, clear errors; rewards 
 import pytest
 import torch
 from _threads import one_thread  # noqa: F401
+from _train_configs import PROMPTS, tiny_run
 from test_policy_gradient_training import _heldout, _metrics, _seed_spread, _weights
 
 from align.builtin.testing import tiny_pipeline
@@ -15,19 +16,11 @@ from align.train.nft import old_policy_decay
 from align.train.trainer import TrainConfig, Trainer
 from rewards import build_reward
 
-PROMPTS = ["a red circle", "a blue square"]
-
 
 def _config(out, family="sd3", **overrides):
-    method_args = {"num_steps": 4, "eval_num_steps": 4, "learning_rate": 1e-2, "group_size": 2, "rollout_prompts": 2}
-    method_args.update(overrides.pop("method_args", {}))
-    data = {
-        "method": "diffusion_nft", "output_dir": str(out), "max_steps": 2, "batch_size": 2, "prompts": PROMPTS,
-        "reward": "brightness", "checkpoint_every": 0, "sample_every": 0, "num_samples": 1, "lora": {"rank": 2},
-        "max_sequence_length": 8 if family in ("sd3", "flux") else None, "device": "cpu",
-        "model_recommendations": False, "diffusion_nft": method_args, **overrides,
-    }
-    return from_dict(TrainConfig, data)
+    method_args = {"num_steps": 4, "eval_num_steps": 4, "learning_rate": 1e-2, "group_size": 2, "rollout_prompts": 2,
+                   **overrides.pop("method_args", {})}
+    return tiny_run("diffusion_nft", out, family, method_args, **overrides)
 
 
 def _train(cfg, family="sd3", reward=None):

@@ -20,8 +20,18 @@ FSDP requires every process to make the same sequence of forward calls on the sh
 one truncation plan per micro-batch from a seed shared by all processes; the policy-gradient
 objective gives every process the same number of rollout rows (the rollout size must divide into
 batch_size x gradient_accumulation_steps x processes), hence the same number of chunks, sampling
-steps and trained steps; a non-finite loss on any process skips the step on all of them; sample
-grids and the monitor run on every process (only the main one writes).
+steps and trained steps; DiffusionNFT's rollouts are laid out the same way (the rollout size must
+divide into batch_size x processes x optimizer_steps_per_rollout) and every micro-step runs the old
+and the trained weights on batch_size rows; Diffusion-DPO's offline micro-steps take batch_size pairs
+per process from one global batch (incomplete ones dropped), its online rollouts split evenly (the
+rollout size must divide into batch_size x processes) and every process pairs the gathered rollout,
+so all run the same number of micro-steps; a non-finite loss on any process skips the step on all of
+them; sample grids and the monitor run on every process (only the main one writes).
+
+Copies of the trained weights (the EMA, DiffusionNFT's old policy, Diffusion-DPO's frozen reference)
+are sharded like the parameters (clones of their DTensor shards); swapping one in reshards the units
+(:func:`reshard`), checkpoints gather them whole onto the main process (:func:`gather_copy`) and
+resume splits them back (:func:`load_copy_`).
 
 DeepSpeed ZeRO-2/3 launch configs are recognised and checked (:func:`check_deepspeed_config`), but
 training under them is refused for now (:func:`prepare_deepspeed` says why); FSDP2 shards the same state.

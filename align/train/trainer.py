@@ -161,8 +161,9 @@ class TrainConfig:
             model; gradients averaged by one all-reduce), fsdp (FSDP2: each block's weights, gradients and Adam
             state sharded over the processes, fp32 master weights, compute in the mixed-precision dtype; bf16 or
             no, not fp16), deepspeed (an accelerate DeepSpeed ZeRO-2/3 launch: its config is checked, then the run
-            is refused: the trainer does not drive DeepSpeed's engine yet; use fsdp). LoRA runs always take the
-            unsharded path. See examples/accelerate/.
+            is refused: the trainer does not drive DeepSpeed's engine yet; use fsdp). Under fsdp every method trains
+            and the weight copies (EMA, DiffusionNFT's old policy, Diffusion-DPO's frozen reference) are sharded like
+            the weights. LoRA runs always take the unsharded path. See examples/accelerate/.
         distributed_timeout_s: seconds a collective (gradient reduction, a shard's all-gather, the barrier around a
             checkpoint) may wait for the other processes before the run stops with an error: a process that died or
             hangs ends the run instead of blocking the others forever. Must exceed the longest step and checkpoint.
