@@ -47,6 +47,31 @@ DRIVER = textwrap.dedent(
                 full.update({f"{prefix}.{n}": full_tensor(w).contiguous() for n, w in zip(trainer.param_names, copy)})
         return full
 
+    def swap_check():
+        # a unit that keeps its gathered weights after a forward (reshard_after_forward=False): forwards before,
+        # inside and after swapping zeros in, without and with the trainer's reshard: [before ok, max |inside|,
+        # after ok] each
+        import copy, torch
+        from align.train.sharding import FSDPSettings, shard_denoiser
+        from align.train.trainer import _swapped
+
+        torch.manual_seed(0)
+        found = {}
+        for resharded in (False, True):
+            net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+            plain = copy.deepcopy(net)
+            shard_denoiser(net, FSDPSettings(reshard_after_forward=False))
+            params = list(net.parameters())
+            x = torch.ones(3, 4)
+            with torch.no_grad():
+                before = net(x)
+                with _swapped(params, [torch.zeros_like(p) for p in params], net if resharded else None):
+                    inside = net(x)
+                after = net(x)
+                want = plain(x)
+            found[str(resharded)] = [torch.equal(before, want), float(inside.abs().max()), torch.equal(after, want)]
+        return found
+
     for name, config in json.loads(sys.argv[1]).items():
         trainer = Trainer(from_dict(TrainConfig, config), progress=False)
         trainer.train()
@@ -55,6 +80,11 @@ DRIVER = textwrap.dedent(
             save_file(final, f"{sys.argv[2]}/{name}.safetensors")
             with open(f"{sys.argv[2]}/{name}.json", "w") as fh:
                 json.dump({"sharding": trainer.sharding, "processes": trainer.num_processes}, fh)
+    if trainer.sharding == "fsdp":
+        found = swap_check()
+        if trainer.is_main:
+            with open(f"{sys.argv[2]}/swap.json", "w") as fh:
+                json.dump(found, fh)
     """
 )
 
@@ -79,11 +109,11 @@ def _runs(tmp_path, model: str, batch_size: int, out: str, resume: bool, prefere
     grpo = {**base, "method": "grpo", "reward": "jpeg_compressibility", "checkpoint_every": 0,
             "grpo": {"num_steps": 3, "eval_num_steps": 3, "learning_rate": 1e-3, "group_size": 2,
                      "rollout_prompts": 2}}
-    # one rollout of 4 samples per optimiser step (2 micro-batches of 2 samples over all processes); the old policy
-    # follows the trained weights softly at each new rollout (decay 0.3)
-    nft = {**base, "method": "diffusion_nft", "reward": "jpeg_compressibility", "checkpoint_every": 1,
+    # one rollout of 2 samples per optimiser step (one micro-batch over all processes); the old policy follows the
+    # trained weights softly at each new rollout (decay 0.3)
+    nft = {**base, "method": "diffusion_nft", "reward": "jpeg_compressibility", "checkpoint_every": 0,
            "diffusion_nft": {"num_steps": 2, "eval_num_steps": 2, "learning_rate": 1e-3, "group_size": 2,
-                             "rollout_prompts": 2, "old_decay_rate": 0.3, "kl_weight": 0.0}}
+                             "rollout_prompts": 1, "old_decay_rate": 0.3, "kl_weight": 0.0}}
     # 4 preference pairs, 2 per optimiser step over all processes
     dpo = {**base, "method": "diffusion_dpo", "checkpoint_every": 0,
            "diffusion_dpo": {"data": preferences, "num_steps": 2, "learning_rate": 1e-3, "guidance_scale": 1.0}}
@@ -157,7 +187,7 @@ def test_two_fsdp_processes_train_what_one_plain_process_trains(fsdp_runs):
         moved = _norm(update)
         apart = _norm(difference) / moved
         # equal up to float32 summation order (a reduce-scatter instead of one batch), which Adam amplifies on
-        # weights whose gradient is near zero (relative L2 2e-4 of the update measured for GRPO, 2e-5 NFT, 5e-6 DRaFT,
+        # weights whose gradient is near zero (relative L2 2e-4 of the update measured for GRPO and NFT, 5e-6 DRaFT,
         # 4e-3 DPO: 10 of its 2e5 weights move up to 2 lr apart); other samples, or a gradient not reduced, would
         # differ by O(1) of the update. So DPO is also held to the mean difference (2e-4 of the mean update measured)
         assert moved > 0.1 and apart < (2e-2 if run == "dpo" else 1e-3), (run, moved, apart)
@@ -178,12 +208,12 @@ def test_fsdp_resume_is_exact_and_the_checkpoint_holds_full_weights(fsdp_runs):
         assert straight.keys() == resumed.keys()
         for k in straight:
             assert torch.equal(straight[k], resumed[k]), (run, k)  # weights, EMA and the old policy, bitwise
-    # the NFT checkpoint holds the whole old policy (gathered), which the resumed run continued from
-    nft_ckpt = load_file(two / "nft" / "checkpoints" / "step-00000002" / "extra.safetensors")
+    # the NFT checkpoint the resumed run continued from holds the whole old policy (gathered)
+    nft_ckpt = load_file(two / "nft_resumed" / "checkpoints" / "step-00000001" / "extra.safetensors")
     old = {k.removeprefix("objective."): v for k, v in nft_ckpt.items() if k.startswith("objective.old.")}
-    nft = _load(two, "nft")
-    assert old.keys() == {k for k in nft if k.startswith("old.")}
-    assert all(torch.equal(v, nft[k]) for k, v in old.items())
+    half = _load(two, "nft_half")
+    assert old.keys() == {k for k in half if k.startswith("old.")}
+    assert all(torch.equal(v, half[k]) for k, v in old.items())
     straight = _load(two, "draft")
     ckpt = two / "draft" / "checkpoints" / "step-00000004"
     saved = load_file(ckpt / "trainable.safetensors")
@@ -193,6 +223,15 @@ def test_fsdp_resume_is_exact_and_the_checkpoint_holds_full_weights(fsdp_runs):
     optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert set(optimizer["state"]) == {k.removeprefix("denoiser.") for k in saved}  # full state, keyed by name
     assert json.loads((ckpt / "state.json").read_text())["sharding"] == "fsdp"
+
+
+def test_a_swapped_copy_is_gathered_anew_when_units_keep_their_gathered_weights(fsdp_runs):
+    """With fsdp_reshard_after_forward=false a unit keeps its gathered weights after a no_grad forward: swapping a copy
+    in (EMA, old policy, reference) must reshard, or the next forward reuses the stale gathered weights."""
+    found = json.loads((fsdp_runs / "two" / "swap.json").read_text())
+    assert found["True"] == [True, 0.0, True]  # the trainer's swap: zeros in, the weights back out
+    stale, inside, _ = found["False"]
+    assert stale and inside > 0.1  # without resharding the swapped-in zeros are not seen
 
 
 def test_fsdp_saves_the_full_denoiser_in_diffusers_format(fsdp_runs):
