@@ -109,26 +109,28 @@ def _runs(tmp_path, model: str, batch_size: int, out: str, resume: bool, prefere
     grpo = {**base, "method": "grpo", "reward": "jpeg_compressibility", "checkpoint_every": 0,
             "grpo": {"num_steps": 3, "eval_num_steps": 3, "learning_rate": 1e-3, "group_size": 2,
                      "rollout_prompts": 2}}
-    # one rollout of 2 samples per optimiser step (one micro-batch over all processes); the old policy follows the
-    # trained weights softly at each new rollout (decay 0.3)
+    # rollouts of 4 samples, each serving 2 optimiser steps of one micro-batch over all processes; the old policy
+    # follows the trained weights softly at each new rollout (decay 0.3 x the step)
     nft = {**base, "method": "diffusion_nft", "reward": "jpeg_compressibility", "checkpoint_every": 0,
            "diffusion_nft": {"num_steps": 2, "eval_num_steps": 2, "learning_rate": 1e-3, "group_size": 2,
-                             "rollout_prompts": 1, "old_decay_rate": 0.3, "kl_weight": 0.0}}
+                             "rollout_prompts": 2, "optimizer_steps_per_rollout": 2, "old_decay_rate": 0.3,
+                             "kl_weight": 0.0}}
     # 4 preference pairs, 2 per optimiser step over all processes
     dpo = {**base, "method": "diffusion_dpo", "checkpoint_every": 0,
            "diffusion_dpo": {"data": preferences, "num_steps": 2, "learning_rate": 1e-3, "guidance_scale": 1.0}}
     runs = {
         "draft": {**draft, "max_steps": 4, "output_dir": str(tmp_path / out / "draft")},
         "grpo": {**grpo, "max_steps": 2, "output_dir": str(tmp_path / out / "grpo")},
-        "nft": {**nft, "max_steps": 2, "output_dir": str(tmp_path / out / "nft")},
+        "nft": {**nft, "max_steps": 3, "output_dir": str(tmp_path / out / "nft")},
         "dpo": {**dpo, "max_steps": 2, "output_dir": str(tmp_path / out / "dpo")},
     }
-    if resume:  # the same runs stopped half-way, then resumed from their checkpoints; NFT's second rollout first
-        # updates the old policy (restored from the checkpoint) toward the resumed weights
+    if resume:  # the same runs stopped part-way, then resumed from their checkpoints. NFT stops inside its first
+        # rollout (each process resumes with its own rows of it and the old policy restored), and its second rollout
+        # then updates the restored old policy toward the resumed weights
         runs["draft_half"] = {**draft, "max_steps": 2, "output_dir": str(tmp_path / out / "resumed")}
         runs["draft_resumed"] = {**draft, "max_steps": 4, "resume": "latest", "output_dir": str(tmp_path / out / "resumed")}
         runs["nft_half"] = {**nft, "max_steps": 1, "output_dir": str(tmp_path / out / "nft_resumed")}
-        runs["nft_resumed"] = {**nft, "max_steps": 2, "resume": "latest", "output_dir": str(tmp_path / out / "nft_resumed")}
+        runs["nft_resumed"] = {**nft, "max_steps": 3, "resume": "latest", "output_dir": str(tmp_path / out / "nft_resumed")}
     return runs
 
 

@@ -610,18 +610,19 @@ class Trainer:
         """Write a resumable checkpoint of the current step (main process only; all processes wait).
 
         Under FSDP every process first takes part in gathering the full weights, the weight copies (EMA,
-        DiffusionNFT's old policy) and the optimiser state (onto the main process, on the CPU); only the main
-        process writes.
+        DiffusionNFT's old policy) and the optimiser state (onto the main process, on the CPU); with several
+        processes each also gives its rows of a rollout in use (the objective's state); only the main process
+        writes.
         """
         path = None
         sharded = self.sharding == "fsdp"
         trainable = self._trainable_state()
         copies = self._copies_state()
         optimizer = full_optimizer_state(self.model.module, self.optimizer) if sharded else None
+        objective_tensors, objective_state = self.objective.state_dict()  # a collective (a rollout's rows gathered)
         if self.is_main:
             extra = dict(copies)
             extra.update({f"reward.{k}": v for k, v in _reward_state(self.reward).items()})
-            objective_tensors, objective_state = self.objective.state_dict()
             extra.update({f"objective.{k}": v for k, v in objective_tensors.items()})
             path = self.checkpoints.save(
                 self.step,

@@ -44,7 +44,10 @@ class Objective:
         raise NotImplementedError
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """(tensors, JSON-able values) to checkpoint; both empty for a stateless objective."""
+        """(tensors, JSON-able values) to checkpoint; both empty for a stateless objective.
+
+        Every process calls it (it may gather what each process holds); the main process's result is saved and
+        every process loads it back."""
         return {}, {}
 
     def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
