@@ -108,6 +108,20 @@ def test_full_fine_tuning_uses_a_frozen_copy_of_the_original_weights_also_after_
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_an_online_rollout_that_does_not_split_evenly_over_processes_is_refused(tmp_path):
+    """Uneven shares of a rollout would gather latents of different sizes and, sharded, make different numbers of
+    denoiser calls (collectives) on the processes: 6 samples over batch_size 2 x 2 processes are refused."""
+    from align.core.errors import ConfigError
+    from align.train.objectives import DiffusionDPOObjective
+
+    trainer = Trainer(_config(tmp_path / "run", method_args={"group_size": 3}), model=DiffusionModel(tiny_pipeline("sd")),
+                      progress=False)
+    trainer.setup()  # one process: 6 samples in chunks of 2
+    trainer.num_processes = 2  # what a two-process launch sees
+    with pytest.raises(ConfigError, match=r"rollout of 6 samples .* batch_size x processes = 2 x 2"):
+        DiffusionDPOObjective(trainer)
+
+
 # ---------------------------------------------------------------------------------------------- resume, processes
 @pytest.mark.parametrize("source", ["stream", "latent_cache", "online"])
 def test_resume_gives_identical_weights(tmp_path, tiny_data, source):

@@ -24,15 +24,15 @@ full fine-tuning it is a frozen copy of the denoiser's weights swapped in for it
 (memory: one more copy of the trained weights, e.g. 3.4 GB for SD 1.5's UNet in fp32; under FSDP it
 is sharded like them, each process keeping its shard).  The copy is taken when the trainer is set up,
 from the model as loaded, before a resume loads the trained weights: a resumed run's reference is
-the original model, as in the uninterrupted run (the copy is not checkpointed).
+the original model, as in the uninterrupted run (the copy is not checkpointed).  SDXL pairs carry
+each image's original size and crop as its added time ids.
 
 Every process makes the same sequence of denoiser calls (FSDP's all-gathers are collectives): an
 offline micro-step is one global batch of batch_size x processes pairs (incomplete ones dropped), so
 every process has batch_size pairs and the same number of micro-steps per epoch; an online rollout
 gives every process the same number of samples (its size must divide into batch_size x processes
 when there are several) and every process pairs the gathered rollout, so all agree on the number of
-micro-steps.  SDXL pairs
-carry each image's original size and crop as its added time ids.
+micro-steps.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class DiffusionDPOObjective(PolicyGradientObjective):
                     f"whose product divides {rollout_size}"
                 )
             # one optimiser step per rollout; its micro-steps depend on how many pairs the rollout makes
-            self._init_clean_rollouts(schedule, m.group_size * m.rollout_prompts, m.group_size, 1, 1)
+            self._init_clean_rollouts(schedule, rollout_size, m.group_size, 1, 1)
             self.pairs: tuple[Tensor, Tensor] | None = None
             self.x0_all: Tensor | None = None
         else:

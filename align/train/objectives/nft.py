@@ -15,8 +15,8 @@ x_t, and :func:`align.train.nft.nft_loss`.  Memory is one model call's forward a
 
 Weights.  The old policy is a copy of the trainable parameters only (LoRA: the adapter weights;
 full fine-tuning: a second copy of the denoiser's weights, sharded like them under FSDP: each process
-keeps its shard), swapped in for its forward passes under no_grad.  It starts equal to the trained weights and follows them once per rollout, before
-the next rollout is sampled: old <- d old + (1 - d) theta with d = ``old_decay(step)`` at the
+keeps its shard), swapped in for its forward passes under no_grad.  It starts equal to the trained
+weights and follows them once per rollout, before the next rollout is sampled: old <- d old + (1 - d) theta with d = ``old_decay(step)`` at the
 optimiser step reached.  The reference is the model with its LoRA disabled (no copy; the trainer
 requires LoRA when ``kl_weight`` > 0, since a frozen copy of a fully fine-tuned denoiser would cost
 a third copy of its weights).  The old weights (gathered whole onto the main process under FSDP,
