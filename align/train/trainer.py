@@ -71,14 +71,15 @@ from align.train.sharding import (
     fsdp_settings,
     full_model_state,
     full_optimizer_state,
-    full_tensor,
+    gather_copy,
     is_distributed_failure,
+    load_copy_,
     load_full_state,
     prepare_deepspeed,
+    reshard,
     resolve_sharding,
     save_full_denoiser,
     shard_denoiser,
-    shard_like,
 )
 
 logger = logging.getLogger("align")
@@ -160,8 +161,9 @@ class TrainConfig:
             model; gradients averaged by one all-reduce), fsdp (FSDP2: each block's weights, gradients and Adam
             state sharded over the processes, fp32 master weights, compute in the mixed-precision dtype; bf16 or
             no, not fp16), deepspeed (an accelerate DeepSpeed ZeRO-2/3 launch: its config is checked, then the run
-            is refused: the trainer does not drive DeepSpeed's engine yet; use fsdp). LoRA runs always take the
-            unsharded path. See examples/accelerate/.
+            is refused: the trainer does not drive DeepSpeed's engine yet; use fsdp). Under fsdp every method trains
+            and the weight copies (EMA, DiffusionNFT's old policy, Diffusion-DPO's frozen reference) are sharded like
+            the weights. LoRA runs always take the unsharded path. See examples/accelerate/.
         distributed_timeout_s: seconds a collective (gradient reduction, a shard's all-gather, the barrier around a
             checkpoint) may wait for the other processes before the run stops with an error: a process that died or
             hangs ends the run instead of blocking the others forever. Must exceed the longest step and checkpoint.
@@ -588,27 +590,39 @@ class Trainer:
     def _trainable_names(self) -> set[str]:
         return set(self.param_names)
 
-    def _ema_state(self) -> dict[str, Tensor]:
-        """{"ema.<name>": full EMA weight}; gathered from the shards under FSDP (a collective)."""
-        if self.ema is None or not (self.is_main or self.sharding == "fsdp"):
-            return {}
-        return {f"ema.{n}": full_tensor(e).cpu() for n, e in zip(self.param_names, self.ema)}
+    def _weight_copies(self) -> dict[str, list[Tensor]]:
+        """The copies of the trained weights a checkpoint holds, by key prefix: the EMA ("ema") and the objective's
+        (DiffusionNFT's old policy: "objective.old"); one tensor per trainable parameter, sharded like it under FSDP."""
+        copies = {"ema": self.ema} if self.ema is not None else {}
+        copies.update({f"objective.{k}": v for k, v in self.objective.weight_copies().items()})
+        return copies
+
+    def _copies_state(self) -> dict[str, Tensor]:
+        """{"<prefix>.<name>": full weight} of every weight copy on the main process; gathered from the shards under
+        FSDP (a collective every process joins)."""
+        state: dict[str, Tensor] = {}
+        for prefix, copy in self._weight_copies().items():
+            full = gather_copy(self.param_names, copy, self.is_main)
+            state.update({f"{prefix}.{name}": w for name, w in full.items()})
+        return state
 
     def save_checkpoint(self) -> Path | None:
         """Write a resumable checkpoint of the current step (main process only; all processes wait).
 
-        Under FSDP every process first takes part in gathering the full weights, EMA and optimiser state
-        (onto the main process, on the CPU); only the main process writes.
+        Under FSDP every process first takes part in gathering the full weights, the weight copies (EMA,
+        DiffusionNFT's old policy) and the optimiser state (onto the main process, on the CPU); with several
+        processes each also gives its rows of a rollout in use (the objective's state); only the main process
+        writes.
         """
         path = None
         sharded = self.sharding == "fsdp"
         trainable = self._trainable_state()
-        ema = self._ema_state()
+        copies = self._copies_state()
         optimizer = full_optimizer_state(self.model.module, self.optimizer) if sharded else None
+        objective_tensors, objective_state = self.objective.state_dict()  # a collective (a rollout's rows gathered)
         if self.is_main:
-            extra = dict(ema)
+            extra = dict(copies)
             extra.update({f"reward.{k}": v for k, v in _reward_state(self.reward).items()})
-            objective_tensors, objective_state = self.objective.state_dict()
             extra.update({f"objective.{k}": v for k, v in objective_tensors.items()})
             path = self.checkpoints.save(
                 self.step,
@@ -639,7 +653,9 @@ class Trainer:
         sharded = self.sharding == "fsdp"
         # under FSDP only the main process reads the full weights and optimiser state; it sends each
         # process its shards (one full copy in CPU memory, not one per process)
-        ckpt = self.checkpoints.load(None if which == "latest" else which, weights=self.is_main or not sharded)
+        copies = self._weight_copies()
+        ckpt = self.checkpoints.load(None if which == "latest" else which, weights=self.is_main or not sharded,
+                                     copies=tuple(f"{prefix}." for prefix in copies))
         missing = set(self.param_names) - set(ckpt.trainable) if (self.is_main or not sharded) else set()
         if (self._any_process(bool(missing)) if sharded else missing):
             if not missing:
@@ -664,16 +680,10 @@ class Trainer:
             if not sharded:
                 for name, p in zip(self.param_names, self.params):
                     p.copy_(ckpt.trainable[name].to(p.device, p.dtype))
-            if self.ema is not None:
-                for name, e in zip(self.param_names, self.ema):
-                    key = f"ema.{name}"
-                    if key not in ckpt.extra_keys:
-                        continue
-                    if sharded:  # the main process's copy, split into this process's shard
-                        full = ckpt.extra[key] if self.is_main else torch.empty(e.shape, dtype=e.dtype)
-                        e.to_local().copy_(shard_like(full, e))
-                    else:
-                        e.copy_(ckpt.extra[key].to(e.device, e.dtype))
+        for prefix, copy in copies.items():  # sharded: the main process's full copy, split into each one's shard
+            for name, w in zip(self.param_names, copy):
+                if f"{prefix}.{name}" in ckpt.extra_keys:
+                    load_copy_(w, ckpt.extra.get(f"{prefix}.{name}"))
         reward_state = {k[len("reward.") :]: v for k, v in ckpt.extra.items() if k.startswith("reward.")}
         if reward_state:
             self.reward.load_state_dict(reward_state, strict=False)
@@ -702,12 +712,12 @@ class Trainer:
         target = Path(directory) if directory is not None else self.output_dir / default
         path = None
         if self.sharding == "fsdp":
-            with _swapped(self.params, self.ema):
+            with self.swapped(self.ema):
                 full = full_model_state(self.model.module)  # a collective; the weights land on the main process
             if self.is_main:
                 path = atomic_directory(target, lambda tmp: save_full_denoiser(self.model.module, full, tmp))
         elif self.is_main:
-            with _swapped(self.params, self.ema):
+            with self.swapped(self.ema):
                 if self.config.lora.enabled:
                     path = atomic_directory(target, lambda tmp: save_lora(self.model, tmp))
                 else:
@@ -717,11 +727,16 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return path
 
+    def swapped(self, weights: list[Tensor] | None) -> _swapped:
+        """Context manager: ``weights``, a copy of the trainable parameters (the EMA, DiffusionNFT's old policy,
+        Diffusion-DPO's frozen reference; sharded like them under FSDP), loaded into them for its duration."""
+        return _swapped(self.params, weights, self.model.module if self.sharding == "fsdp" else None)
+
     # ------------------------------------------------------------------ evaluation
     def evaluation_images(self, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
         from align.steer.generate import generate
 
-        with _swapped(self.params, self.ema):
+        with self.swapped(self.ema):
             return generate(
                 self.model, prompts, seeds, guidance_scale=self.guidance_scale, height=self.height, width=self.width,
                 negative_prompt=self.config.negative_prompt or None, max_sequence_length=self.config.max_sequence_length,
@@ -934,23 +949,30 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 class _swapped:
-    """Context manager: temporarily load EMA weights into the parameters (no-op without EMA)."""
+    """Context manager: temporarily load a copy of the weights (EMA, old policy, frozen reference) into the parameters
+    (no-op for None).  ``sharded_module``: the FSDP-sharded module of the parameters, resharded after each copy so
+    its next forward gathers the swapped shards (see :func:`align.train.sharding.reshard`)."""
 
-    def __init__(self, params: list[torch.nn.Parameter], ema: list[Tensor] | None):
-        self.params, self.ema, self.saved = params, ema, None
+    def __init__(self, params: list[torch.nn.Parameter], weights: list[Tensor] | None,
+                 sharded_module: torch.nn.Module | None = None):
+        self.params, self.weights, self.module, self.saved = params, weights, sharded_module, None
+
+    def _load(self, weights: list[Tensor]) -> None:
+        with torch.no_grad():
+            for p, w in zip(self.params, weights, strict=True):
+                p.copy_(w)
+        if self.module is not None:
+            reshard(self.module)
 
     def __enter__(self):
-        if self.ema is not None:
+        if self.weights is not None:
             self.saved = [p.detach().clone() for p in self.params]
-            with torch.no_grad():
-                for p, e in zip(self.params, self.ema):
-                    p.copy_(e)
+            self._load(self.weights)
 
     def __exit__(self, *exc):
         if self.saved is not None:
-            with torch.no_grad():
-                for p, s in zip(self.params, self.saved):
-                    p.copy_(s)
+            self._load(self.saved)
+            self.saved = None
 
 
 def _reward_state(reward) -> dict[str, Tensor]:
