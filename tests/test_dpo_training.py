@@ -8,21 +8,20 @@ import math
 import pytest
 import torch
 from _threads import one_thread  # noqa: F401
+from _train_configs import PROMPTS, tiny_run
 from test_policy_gradient_training import _heldout, _metrics, _seed_spread, _weights
 
 from align.builtin.testing import tiny_pipeline
 from align.cli import main
-from align.core.config import from_dict
 from align.core.images import save_png
 from align.core.lora import adapters_disabled
 from align.core.models import DiffusionModel, load_model
 from align.steer.generate import generate
 from align.train.dpo import denoising_target, dpo_loss, noised_pairs, sample_training_levels
 from align.train.preference_data import ImagePreparation, encode_pairs, iter_preference_pairs
-from align.train.trainer import TrainConfig, Trainer
+from align.train.trainer import Trainer
 from rewards import build_reward
 
-PROMPTS = ["a red circle", "a blue square"]
 BUILTIN_PROMPTS = ["a red circle on a blue background", "a yellow square on a black background"]
 
 
@@ -50,15 +49,8 @@ def preference_folder(path, model, reward_name, prompts, per_prompt, *, num_step
 
 def _config(out, family="sd", **overrides):
     method_args = {"num_steps": 4, "learning_rate": 1e-2, "guidance_scale": 1.0, "group_size": 4,
-                   "rollout_prompts": 2, "pairing": "halves"}
-    method_args.update(overrides.pop("method_args", {}))
-    data = {
-        "method": "diffusion_dpo", "output_dir": str(out), "max_steps": 2, "batch_size": 2, "prompts": PROMPTS,
-        "reward": "brightness", "checkpoint_every": 0, "sample_every": 0, "num_samples": 1, "lora": {"rank": 2},
-        "max_sequence_length": 8 if family in ("sd3", "flux") else None, "device": "cpu",
-        "model_recommendations": False, "diffusion_dpo": method_args, **overrides,
-    }
-    return from_dict(TrainConfig, data)
+                   "rollout_prompts": 2, "pairing": "halves", **overrides.pop("method_args", {})}
+    return tiny_run("diffusion_dpo", out, family, method_args, **overrides)
 
 
 def _train(cfg, family="sd", model=None):
@@ -91,14 +83,43 @@ def test_first_step_is_log_2_and_the_lora_moves(tmp_path, tiny_data, family, onl
         assert first["dpo/pairs"] == 4  # 2 groups of 4, halves: 2 pairs each
 
 
-def test_full_fine_tuning_uses_a_frozen_copy_as_reference(tmp_path, tiny_data):
-    cfg = _config(tmp_path / "run", max_steps=2, lora={"enabled": False},
-                  method_args={"data": str(tiny_data), "learning_rate": 1e-4})
-    trainer = _train(cfg)
-    objective = trainer.objective
-    assert objective.frozen is not None and len(objective.frozen) == len(trainer.params)
-    assert any(not torch.equal(f, p.detach()) for f, p in zip(objective.frozen, trainer.params))
-    assert _metrics(cfg)[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+def test_full_fine_tuning_uses_a_frozen_copy_of_the_original_weights_also_after_resume(tmp_path, tiny_data):
+    """Full fine-tuning: the reference is a frozen copy of the weights as loaded (so the first loss is exactly log 2).
+    A resumed run copies it before the checkpoint's trained weights are loaded: its reference is still the original
+    model, not the resumed weights, and it continues bitwise as the uninterrupted run."""
+
+    def cfg(out, steps, **extra):
+        return _config(out, max_steps=steps, lora={"enabled": False},
+                       method_args={"data": str(tiny_data), "learning_rate": 1e-4}, **extra)
+
+    original = Trainer(cfg(tmp_path / "original", 2), model=DiffusionModel(tiny_pipeline("sd")), progress=False)
+    original.setup()
+    initial = _weights(original)
+    straight = _train(cfg(tmp_path / "a", 2))
+    assert _metrics(cfg(tmp_path / "a", 2))[0]["loss"] == pytest.approx(math.log(2), abs=1e-7)
+    _train(cfg(tmp_path / "b", 1))
+    resumed = _train(cfg(tmp_path / "b", 2, resume="latest"))
+    for trainer in (straight, resumed):
+        frozen = trainer.objective.frozen
+        assert frozen is not None and len(frozen) == len(trainer.params)
+        assert all(torch.equal(f, initial[n]) for n, f in zip(trainer.param_names, frozen))
+        assert any(not torch.equal(f, p.detach()) for f, p in zip(frozen, trainer.params))
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_an_online_rollout_that_does_not_split_evenly_over_processes_is_refused(tmp_path):
+    """Uneven shares of a rollout would gather latents of different sizes and, sharded, make different numbers of
+    denoiser calls (collectives) on the processes: 6 samples over batch_size 2 x 2 processes are refused."""
+    from align.core.errors import ConfigError
+    from align.train.objectives import DiffusionDPOObjective
+
+    trainer = Trainer(_config(tmp_path / "run", method_args={"group_size": 3}), model=DiffusionModel(tiny_pipeline("sd")),
+                      progress=False)
+    trainer.setup()  # one process: 6 samples in chunks of 2
+    trainer.num_processes = 2  # what a two-process launch sees
+    with pytest.raises(ConfigError, match=r"rollout of 6 samples .* batch_size x processes = 2 x 2"):
+        DiffusionDPOObjective(trainer)
 
 
 # ---------------------------------------------------------------------------------------------- resume, processes

@@ -5,6 +5,7 @@ old policy's soft update, exact resume, 2 processes == 1, clear errors; rewards 
 import pytest
 import torch
 from _threads import one_thread  # noqa: F401
+from _train_configs import PROMPTS, tiny_run
 from test_policy_gradient_training import _heldout, _metrics, _seed_spread, _weights
 
 from align.builtin.testing import tiny_pipeline
@@ -15,19 +16,11 @@ from align.train.nft import old_policy_decay
 from align.train.trainer import TrainConfig, Trainer
 from rewards import build_reward
 
-PROMPTS = ["a red circle", "a blue square"]
-
 
 def _config(out, family="sd3", **overrides):
-    method_args = {"num_steps": 4, "eval_num_steps": 4, "learning_rate": 1e-2, "group_size": 2, "rollout_prompts": 2}
-    method_args.update(overrides.pop("method_args", {}))
-    data = {
-        "method": "diffusion_nft", "output_dir": str(out), "max_steps": 2, "batch_size": 2, "prompts": PROMPTS,
-        "reward": "brightness", "checkpoint_every": 0, "sample_every": 0, "num_samples": 1, "lora": {"rank": 2},
-        "max_sequence_length": 8 if family in ("sd3", "flux") else None, "device": "cpu",
-        "model_recommendations": False, "diffusion_nft": method_args, **overrides,
-    }
-    return from_dict(TrainConfig, data)
+    method_args = {"num_steps": 4, "eval_num_steps": 4, "learning_rate": 1e-2, "group_size": 2, "rollout_prompts": 2,
+                   **overrides.pop("method_args", {})}
+    return tiny_run("diffusion_nft", out, family, method_args, **overrides)
 
 
 def _train(cfg, family="sd3", reward=None):
@@ -175,9 +168,9 @@ def test_nft_raises_a_black_box_reward_of_the_builtin_model(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["diffusion_nft", "diffusion_dpo"])
-def test_sharded_full_fine_tuning_is_refused_with_what_is_accepted(tmp_path, method):
-    """The old policy (NFT) and the frozen reference (DPO, full fine-tuning) are whole copies of the trained weights,
-    which a sharded run would keep and checkpoint per shard: refused until they are sharded too."""
+def test_deepspeed_full_fine_tuning_is_refused_with_what_is_accepted(tmp_path, method):
+    """The old policy (NFT) and the frozen reference (DPO, full fine-tuning) are copies of the trained weights, sharded
+    like them under FSDP (tests/test_sharding.py) but not partitioned under DeepSpeed: refused there."""
     from align.core.errors import ConfigError
     from align.train.objectives import OBJECTIVES
 
@@ -188,6 +181,6 @@ def test_sharded_full_fine_tuning_is_refused_with_what_is_accepted(tmp_path, met
     cfg = from_dict(TrainConfig, data)
     trainer = Trainer(cfg, model=DiffusionModel(tiny_pipeline("sd")), progress=False)
     trainer.setup()
-    trainer.sharding = "fsdp"  # what a multi-process run with sharding=fsdp resolves to
-    with pytest.raises(ConfigError, match=f"{method} with sharding='fsdp'.*accepted: LoRA"):
+    trainer.sharding = "deepspeed"  # what a run launched with a DeepSpeed config resolves to
+    with pytest.raises(ConfigError, match=f"{method} with sharding='deepspeed'.*accepted: LoRA.*sharding=none or fsdp"):
         OBJECTIVES[method](trainer)

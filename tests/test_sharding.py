@@ -1,8 +1,9 @@
 """Sharded full fine-tuning (FSDP2 over gloo on the CPU), its checkpoints, and runs that cannot hang.
 
 One torchrun launch of two processes runs every FSDP check (starting processes is the slow part):
-reward backprop with EMA, a stop-and-resume of the same run, and GRPO; one plain process with the
-same global batch runs the references.
+reward backprop with EMA, a stop-and-resume of the same run, GRPO, DiffusionNFT (its old policy a
+sharded copy) with a stop-and-resume, and offline Diffusion-DPO (its frozen reference a sharded copy);
+one plain process with the same global batch runs the references.
 """
 
 import json
@@ -18,10 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_dpo_training import preference_folder
 
 from align.builtin.testing import tiny_pipeline
 from align.core.config import from_dict
 from align.core.errors import ConfigError
+from align.core.models import DiffusionModel
 from align.train.sharding import FSDPSettings, resolve_sharding, wrap_units
 from align.train.trainer import TrainConfig
 
@@ -37,9 +40,37 @@ DRIVER = textwrap.dedent(
 
     def weights(trainer):
         full = {n: full_tensor(p.detach()).contiguous() for n, p in zip(trainer.param_names, trainer.params)}
-        if trainer.ema is not None:
-            full.update({f"ema.{n}": full_tensor(e).contiguous() for n, e in zip(trainer.param_names, trainer.ema)})
+        copies = {"ema": trainer.ema, "old": getattr(trainer.objective, "old", None),
+                  "frozen": getattr(trainer.objective, "frozen", None)}
+        for prefix, copy in copies.items():  # the weight copies, gathered whole
+            if copy is not None:
+                full.update({f"{prefix}.{n}": full_tensor(w).contiguous() for n, w in zip(trainer.param_names, copy)})
         return full
+
+    def swap_check():
+        # a unit that keeps its gathered weights after a forward (reshard_after_forward=False): forwards before,
+        # inside and after swapping zeros in, without and with the trainer's reshard: [before ok, max |inside|,
+        # after ok] each
+        import copy, torch
+        from align.train.sharding import FSDPSettings, shard_denoiser
+        from align.train.trainer import _swapped
+
+        torch.manual_seed(0)
+        found = {}
+        for resharded in (False, True):
+            net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+            plain = copy.deepcopy(net)
+            shard_denoiser(net, FSDPSettings(reshard_after_forward=False))
+            params = list(net.parameters())
+            x = torch.ones(3, 4)
+            with torch.no_grad():
+                before = net(x)
+                with _swapped(params, [torch.zeros_like(p) for p in params], net if resharded else None):
+                    inside = net(x)
+                after = net(x)
+                want = plain(x)
+            found[str(resharded)] = [torch.equal(before, want), float(inside.abs().max()), torch.equal(after, want)]
+        return found
 
     for name, config in json.loads(sys.argv[1]).items():
         trainer = Trainer(from_dict(TrainConfig, config), progress=False)
@@ -49,6 +80,11 @@ DRIVER = textwrap.dedent(
             save_file(final, f"{sys.argv[2]}/{name}.safetensors")
             with open(f"{sys.argv[2]}/{name}.json", "w") as fh:
                 json.dump({"sharding": trainer.sharding, "processes": trainer.num_processes}, fh)
+    if trainer.sharding == "fsdp":
+        found = swap_check()
+        if trainer.is_main:
+            with open(f"{sys.argv[2]}/swap.json", "w") as fh:
+                json.dump(found, fh)
     """
 )
 
@@ -59,7 +95,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _runs(tmp_path, model: str, batch_size: int, out: str, resume: bool) -> dict:
+#: the weight copies the driver saves beside the trained weights (EMA, NFT's old policy, DPO's frozen reference)
+COPIES = ("ema.", "old.", "frozen.")
+
+
+def _runs(tmp_path, model: str, batch_size: int, out: str, resume: bool, preferences: str) -> dict:
     base = {
         "model": model, "device": "cpu", "prompts": PROMPTS, "sample_every": 0, "num_samples": 2,
         "lora": {"enabled": False}, "sharding": "fsdp", "batch_size": batch_size,
@@ -69,19 +109,39 @@ def _runs(tmp_path, model: str, batch_size: int, out: str, resume: bool) -> dict
     grpo = {**base, "method": "grpo", "reward": "jpeg_compressibility", "checkpoint_every": 0,
             "grpo": {"num_steps": 3, "eval_num_steps": 3, "learning_rate": 1e-3, "group_size": 2,
                      "rollout_prompts": 2}}
+    # rollouts of 4 samples, each serving 2 optimiser steps of one micro-batch over all processes; the old policy
+    # follows the trained weights softly at each new rollout (decay 0.3 x the step)
+    nft = {**base, "method": "diffusion_nft", "reward": "jpeg_compressibility", "checkpoint_every": 0,
+           "diffusion_nft": {"num_steps": 2, "eval_num_steps": 2, "learning_rate": 1e-3, "group_size": 2,
+                             "rollout_prompts": 2, "optimizer_steps_per_rollout": 2, "old_decay_rate": 0.3,
+                             "kl_weight": 0.0}}
+    # 4 preference pairs, 2 per optimiser step over all processes
+    dpo = {**base, "method": "diffusion_dpo", "checkpoint_every": 0,
+           "diffusion_dpo": {"data": preferences, "num_steps": 2, "learning_rate": 1e-3, "guidance_scale": 1.0}}
     runs = {
         "draft": {**draft, "max_steps": 4, "output_dir": str(tmp_path / out / "draft")},
         "grpo": {**grpo, "max_steps": 2, "output_dir": str(tmp_path / out / "grpo")},
+        "nft": {**nft, "max_steps": 3, "output_dir": str(tmp_path / out / "nft")},
+        "dpo": {**dpo, "max_steps": 2, "output_dir": str(tmp_path / out / "dpo")},
     }
-    if resume:  # the same run stopped after 2 steps, then resumed from its checkpoint to 4
+    if resume:  # the same runs stopped part-way, then resumed from their checkpoints. NFT stops inside its first
+        # rollout (each process resumes with its own rows of it and the old policy restored), and its second rollout
+        # then updates the restored old policy toward the resumed weights
         runs["draft_half"] = {**draft, "max_steps": 2, "output_dir": str(tmp_path / out / "resumed")}
         runs["draft_resumed"] = {**draft, "max_steps": 4, "resume": "latest", "output_dir": str(tmp_path / out / "resumed")}
+        runs["nft_half"] = {**nft, "max_steps": 1, "output_dir": str(tmp_path / out / "nft_resumed")}
+        runs["nft_resumed"] = {**nft, "max_steps": 3, "resume": "latest", "output_dir": str(tmp_path / out / "nft_resumed")}
     return runs
 
 
 def _norm(tensors: dict[str, torch.Tensor]) -> float:
     """The L2 norm of all the tensors together."""
     return float(torch.cat([t.flatten() for t in tensors.values()]).norm())
+
+
+def _mean_abs(tensors: dict[str, torch.Tensor]) -> float:
+    """The mean absolute entry of all the tensors together."""
+    return float(torch.cat([t.flatten() for t in tensors.values()]).abs().mean())
 
 
 @pytest.fixture(scope="module")
@@ -94,15 +154,17 @@ def fsdp_runs(tmp_path_factory):
     (tmp_path / "two").mkdir()
     (tmp_path / "one").mkdir()
     model = str(tmp_path / "model")
+    preferences = str(preference_folder(tmp_path / "preferences", DiffusionModel(tiny_pipeline("sd")), "brightness",
+                                        PROMPTS, 4, num_steps=2))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         str(script), json.dumps(_runs(tmp_path, model, 1, "two", resume=True)), str(tmp_path / "two")],
+         str(script), json.dumps(_runs(tmp_path, model, 1, "two", resume=True, preferences=preferences)), str(tmp_path / "two")],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert two.returncode == 0, two.stderr[-4000:]
     one = subprocess.run(
-        [sys.executable, str(script), json.dumps(_runs(tmp_path, model, 2, "one", resume=False)), str(tmp_path / "one")],
+        [sys.executable, str(script), json.dumps(_runs(tmp_path, model, 2, "one", resume=False, preferences=preferences)), str(tmp_path / "one")],
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert one.returncode == 0, one.stderr[-4000:]
@@ -118,23 +180,43 @@ def test_two_fsdp_processes_train_what_one_plain_process_trains(fsdp_runs):
     assert json.loads((two / "draft.json").read_text()) == {"sharding": "fsdp", "processes": 2}
     assert json.loads((one / "draft.json").read_text()) == {"sharding": "none", "processes": 1}  # one: unsharded
     initial = load_file(fsdp_runs / "model" / "unet" / "diffusion_pytorch_model.safetensors")
-    for run in ("draft", "grpo"):
+    for run in ("draft", "grpo", "nft", "dpo"):
         got, want = _load(two, run), _load(one, run)
         assert got.keys() == want.keys()
-        trained = [k for k in want if not k.startswith("ema.")]
-        moved = _norm({k: want[k] - initial[k.removeprefix("denoiser.")] for k in trained})
-        apart = _norm({k: got[k] - want[k] for k in want}) / moved
+        trained = [k for k in want if not k.startswith(COPIES)]
+        update = {k: want[k] - initial[k.removeprefix("denoiser.")] for k in trained}
+        difference = {k: got[k] - want[k] for k in want}
+        moved = _norm(update)
+        apart = _norm(difference) / moved
         # equal up to float32 summation order (a reduce-scatter instead of one batch), which Adam amplifies on
-        # weights whose gradient is near zero (2e-4 of the update measured for GRPO, 5e-6 for DRaFT); other
-        # samples, or a gradient not reduced, would differ by O(1) of the update
-        assert moved > 0.1 and apart < 1e-3, (run, moved, apart)
+        # weights whose gradient is near zero (relative L2 2e-4 of the update measured for GRPO and NFT, 5e-6 DRaFT,
+        # 4e-3 DPO: 10 of its 2e5 weights move up to 2 lr apart); other samples, or a gradient not reduced, would
+        # differ by O(1) of the update. So DPO is also held to the mean difference (2e-4 of the mean update measured)
+        assert moved > 0.1 and apart < (2e-2 if run == "dpo" else 1e-3), (run, moved, apart)
+        mean_apart = _mean_abs(difference) / _mean_abs(update)
+        assert mean_apart < 2e-3, (run, mean_apart)
+    # the sharded copies: NFT's old policy moved (it followed the trained weights), DPO's reference did not
+    for side in (two, one):
+        nft, dpo = _load(side, "nft"), _load(side, "dpo")
+        assert _norm({k: nft[k] - initial[k.removeprefix("old.denoiser.")] for k in nft if k.startswith("old.")}) > 0.01
+        assert all(torch.equal(v, initial[k.removeprefix("frozen.denoiser.")]) for k, v in dpo.items()
+                   if k.startswith("frozen.")), side
 
 
 def test_fsdp_resume_is_exact_and_the_checkpoint_holds_full_weights(fsdp_runs):
     two = fsdp_runs / "two"
-    straight, resumed = _load(two, "draft"), _load(two, "draft_resumed")
-    for k in straight:
-        assert torch.equal(straight[k], resumed[k]), k  # weights and EMA, bitwise
+    for run in ("draft", "nft"):
+        straight, resumed = _load(two, run), _load(two, f"{run}_resumed")
+        assert straight.keys() == resumed.keys()
+        for k in straight:
+            assert torch.equal(straight[k], resumed[k]), (run, k)  # weights, EMA and the old policy, bitwise
+    # the NFT checkpoint the resumed run continued from holds the whole old policy (gathered)
+    nft_ckpt = load_file(two / "nft_resumed" / "checkpoints" / "step-00000001" / "extra.safetensors")
+    old = {k.removeprefix("objective."): v for k, v in nft_ckpt.items() if k.startswith("objective.old.")}
+    half = _load(two, "nft_half")
+    assert old.keys() == {k for k in half if k.startswith("old.")}
+    assert all(torch.equal(v, half[k]) for k, v in old.items())
+    straight = _load(two, "draft")
     ckpt = two / "draft" / "checkpoints" / "step-00000004"
     saved = load_file(ckpt / "trainable.safetensors")
     assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in straight.items() if not k.startswith("ema.")}
@@ -143,6 +225,15 @@ def test_fsdp_resume_is_exact_and_the_checkpoint_holds_full_weights(fsdp_runs):
     optimizer = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert set(optimizer["state"]) == {k.removeprefix("denoiser.") for k in saved}  # full state, keyed by name
     assert json.loads((ckpt / "state.json").read_text())["sharding"] == "fsdp"
+
+
+def test_a_swapped_copy_is_gathered_anew_when_units_keep_their_gathered_weights(fsdp_runs):
+    """With fsdp_reshard_after_forward=false a unit keeps its gathered weights after a no_grad forward: swapping a copy
+    in (EMA, old policy, reference) must reshard, or the next forward reuses the stale gathered weights."""
+    found = json.loads((fsdp_runs / "two" / "swap.json").read_text())
+    assert found["True"] == [True, 0.0, True]  # the trainer's swap: zeros in, the weights back out
+    stale, inside, _ = found["False"]
+    assert stale and inside > 0.1  # without resharding the swapped-in zeros are not seen
 
 
 def test_fsdp_saves_the_full_denoiser_in_diffusers_format(fsdp_runs):

@@ -210,12 +210,14 @@ class CheckpointManager:
         for old in done[: max(0, len(done) - self.keep)]:
             shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: str | Path | None = None, *, weights: bool = True) -> CheckpointContents:
+    def load(self, path: str | Path | None = None, *, weights: bool = True,
+             copies: tuple[str, ...] = ("ema.",)) -> CheckpointContents:
         """Load a checkpoint (default: the latest complete one).
 
-        ``weights=False`` leaves out the trained weights, the optimiser state and the EMA weights (a process
-        that receives its shards from the main process under sharding (FSDP, DeepSpeed): one full copy in CPU memory per machine
-        would otherwise become one per process).
+        ``weights=False`` leaves out the trained weights, the optimiser state and the copies of the weights (the
+        extra tensors whose names start with one of ``copies``: the EMA, DiffusionNFT's old policy), for a process
+        that receives its shards from the main process under sharding (FSDP, DeepSpeed): one full copy in CPU memory per machine would
+        otherwise become one per process.
         """
         target = Path(path) if path is not None else self.latest()
         if target is None:
@@ -236,7 +238,7 @@ class CheckpointManager:
         if extra_file.is_file():
             with safe_open(extra_file, framework="pt") as fh:
                 extra_keys = frozenset(fh.keys())
-                extra = {k: fh.get_tensor(k) for k in extra_keys if weights or not k.startswith("ema.")}
+                extra = {k: fh.get_tensor(k) for k in extra_keys if weights or not k.startswith(copies)}
         return CheckpointContents(
             path=target,
             step=int(state["step"]),

@@ -20,8 +20,18 @@ FSDP requires every process to make the same sequence of forward calls on the sh
 one truncation plan per micro-batch from a seed shared by all processes; the policy-gradient
 objective gives every process the same number of rollout rows (the rollout size must divide into
 batch_size x gradient_accumulation_steps x processes), hence the same number of chunks, sampling
-steps and trained steps; a non-finite loss on any process skips the step on all of them; sample
-grids and the monitor run on every process (only the main one writes).
+steps and trained steps; DiffusionNFT's rollouts are laid out the same way (the rollout size must
+divide into batch_size x processes x optimizer_steps_per_rollout) and every micro-step runs the old
+and the trained weights on batch_size rows; Diffusion-DPO's offline micro-steps take batch_size pairs
+per process from one global batch (incomplete ones dropped), its online rollouts split evenly (the
+rollout size must divide into batch_size x processes) and every process pairs the gathered rollout,
+so all run the same number of micro-steps; a non-finite loss on any process skips the step on all of
+them; sample grids and the monitor run on every process (only the main one writes).
+
+Copies of the trained weights (the EMA, DiffusionNFT's old policy, Diffusion-DPO's frozen reference)
+are sharded like the parameters (clones of their DTensor shards); swapping one in reshards the units
+(:func:`reshard`), checkpoints gather them whole onto the main process (:func:`gather_copy`) and
+resume splits them back (:func:`load_copy_`).
 
 DeepSpeed ZeRO-2 and ZeRO-3 (``sharding='deepspeed'``) follow the same design: the trainer calls
 ``deepspeed.initialize`` itself, on the denoiser alone, with its own AdamW (which DeepSpeed's ZeRO
@@ -37,15 +47,16 @@ gradient norm is not finite, in fp32 as in bf16; a non-finite loss on any proces
 before its boundary (:func:`discard_gradients`).  Checkpoints hold the full fp32 master weights and the
 full AdamW state keyed by parameter name, gathered with DeepSpeed's ``safe_get_full_*`` and set back
 with ``safe_set_full_*`` (:func:`deepspeed_full_weights`, :func:`load_deepspeed_state`), so resume is
-exact.  An EMA is kept under ZeRO-2 (whole weights) and refused under ZeRO-3; fp16 and offloading are
-refused.
+exact.  An EMA is kept under ZeRO-2 (whole weights, like the parameters) and refused under ZeRO-3;
+DiffusionNFT and Diffusion-DPO (whose old policy / frozen reference would have to follow ZeRO-3's
+partitions too), fp16 and offloading are refused.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -204,6 +215,45 @@ def shard_like(full: Tensor, like: Tensor) -> Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=0).to_local()
+
+
+def gather_copy(names: Sequence[str], copy: Sequence[Tensor], is_main: bool) -> dict[str, Tensor]:
+    """{name: full tensor on the CPU} of a copy of the trained weights (the EMA, DiffusionNFT's old policy) on the
+    main process, {} elsewhere.  Sharded tensors are gathered one at a time, a collective every process joins (a
+    process holds one gathered tensor at a time, the main process the whole copy)."""
+    full = {}
+    for name, t in zip(names, copy, strict=True):
+        whole = full_tensor(t.detach())
+        if is_main:
+            full[name] = whole.cpu()
+    return full
+
+
+def load_copy_(copy: Tensor, full: Tensor | None, replicated: bool = False) -> None:
+    """Load a checkpointed full tensor into one tensor of a weight copy, in place: a sharded one receives its shard of
+    the main process's ``full`` (a collective; the other processes pass None), a ``replicated`` one (whole on every
+    process while only the main process read the checkpoint: ZeRO-2's EMA) the main process's ``full`` (a collective
+    too), a plain one copies ``full``."""
+    with torch.no_grad():
+        if is_sharded(copy):
+            source = full if full is not None else torch.empty(copy.shape, dtype=copy.dtype)
+            copy.to_local().copy_(shard_like(source, copy))
+        elif replicated:
+            copy.copy_(broadcast_from_main(full, copy))
+        else:
+            copy.copy_(full.to(copy.device, copy.dtype))
+
+
+def reshard(module: nn.Module) -> None:
+    """Free the gathered weights of every FSDP unit of ``module``, so its next forward gathers the shards again.
+
+    Needed after writing into the sharded parameters between forwards (swapping a weight copy in or out): with
+    ``reshard_after_forward=False`` a unit keeps its gathered weights after a no_grad forward and would reuse them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:

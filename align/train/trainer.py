@@ -67,7 +67,6 @@ from align.train.methods import (
 from align.train.objectives import Objective, make_objective
 from align.train.sharding import (
     SHARDING,
-    broadcast_from_main,
     check_deepspeed_config,
     check_deepspeed_ema,
     check_zero3_init,
@@ -80,16 +79,17 @@ from align.train.sharding import (
     fsdp_settings,
     full_model_state,
     full_optimizer_state,
-    full_tensor,
+    gather_copy,
     is_distributed_failure,
+    load_copy_,
     load_deepspeed_config,
     load_deepspeed_state,
     load_full_state,
     prepare_deepspeed,
+    reshard,
     resolve_sharding,
     save_full_denoiser,
     shard_denoiser,
-    shard_like,
 )
 
 logger = logging.getLogger("align")
@@ -172,8 +172,10 @@ class TrainConfig:
             state sharded over the processes, fp32 master weights, compute in the mixed-precision dtype; bf16 or
             no, not fp16), deepspeed (DeepSpeed ZeRO-2 or ZeRO-3, from an accelerate DeepSpeed launch config or
             deepspeed_config: fp32 master weights, gradients and Adam state partitioned over the processes, and
-            under ZeRO-3 the weights too; bf16 or no, not fp16; EMA under ZeRO-2 only). LoRA runs always take the unsharded path.
-            See examples/accelerate/.
+            under ZeRO-3 the weights too; bf16 or no, not fp16; EMA under ZeRO-2 only; not DiffusionNFT or
+            Diffusion-DPO). Under fsdp every method trains and the weight copies (EMA, DiffusionNFT's old policy,
+            Diffusion-DPO's frozen reference) are sharded like the weights. LoRA runs always take the unsharded
+            path. See examples/accelerate/.
         deepspeed_config: a DeepSpeed JSON file or an accelerate DeepSpeed YAML (its deepspeed_config section) for a
             run not launched by accelerate's DeepSpeed launcher (torchrun, plain accelerate launch); implies
             sharding=deepspeed. ZeRO stage 2 or 3; the trainer fills in the micro-batch (batch_size), clipping
@@ -658,27 +660,39 @@ class Trainer:
     def _trainable_names(self) -> set[str]:
         return set(self.param_names)
 
-    def _ema_state(self) -> dict[str, Tensor]:
-        """{"ema.<name>": full EMA weight}; gathered from the shards under FSDP (a collective)."""
-        if self.ema is None or not (self.is_main or self.sharded):
-            return {}
-        return {f"ema.{n}": full_tensor(e).cpu() for n, e in zip(self.param_names, self.ema)}
+    def _weight_copies(self) -> dict[str, list[Tensor]]:
+        """The copies of the trained weights a checkpoint holds, by key prefix: the EMA ("ema") and the objective's
+        (DiffusionNFT's old policy: "objective.old"); one tensor per trainable parameter, sharded like it under FSDP."""
+        copies = {"ema": self.ema} if self.ema is not None else {}
+        copies.update({f"objective.{k}": v for k, v in self.objective.weight_copies().items()})
+        return copies
+
+    def _copies_state(self) -> dict[str, Tensor]:
+        """{"<prefix>.<name>": full weight} of every weight copy on the main process; gathered from the shards under
+        FSDP (a collective every process joins)."""
+        state: dict[str, Tensor] = {}
+        for prefix, copy in self._weight_copies().items():
+            full = gather_copy(self.param_names, copy, self.is_main)
+            state.update({f"{prefix}.{name}": w for name, w in full.items()})
+        return state
 
     def save_checkpoint(self) -> Path | None:
         """Write a resumable checkpoint of the current step (main process only; all processes wait).
 
-        Under sharding every process first takes part in gathering the full weights, EMA and optimiser state
-        (onto the main process, on the CPU); only the main process writes.
+        Under sharding every process first takes part in gathering the full weights, the weight copies (EMA,
+        DiffusionNFT's old policy) and the optimiser state (onto the main process, on the CPU); with several
+        processes each also gives its rows of a rollout in use (the objective's state); only the main process
+        writes.
         """
         path = None
         sharded = self.sharded
         trainable = self._trainable_state()
-        ema = self._ema_state()
+        copies = self._copies_state()
         optimizer = self._full_optimizer_state() if sharded else None
+        objective_tensors, objective_state = self.objective.state_dict()  # a collective (a rollout's rows gathered)
         if self.is_main:
-            extra = dict(ema)
+            extra = dict(copies)
             extra.update({f"reward.{k}": v for k, v in _reward_state(self.reward).items()})
-            objective_tensors, objective_state = self.objective.state_dict()
             extra.update({f"objective.{k}": v for k, v in objective_tensors.items()})
             path = self.checkpoints.save(
                 self.step,
@@ -709,7 +723,9 @@ class Trainer:
         sharded = self.sharded
         # under sharding only the main process reads the full weights and optimiser state; it sends each
         # process its shards (one full copy in CPU memory, not one per process)
-        ckpt = self.checkpoints.load(None if which == "latest" else which, weights=self.is_main or not sharded)
+        copies = self._weight_copies()
+        ckpt = self.checkpoints.load(None if which == "latest" else which, weights=self.is_main or not sharded,
+                                     copies=tuple(f"{prefix}." for prefix in copies))
         missing = set(self.param_names) - set(ckpt.trainable) if (self.is_main or not sharded) else set()
         if (self._any_process(bool(missing)) if sharded else missing):
             if not missing:
@@ -737,18 +753,10 @@ class Trainer:
             if not sharded:
                 for name, p in zip(self.param_names, self.params):
                     p.copy_(ckpt.trainable[name].to(p.device, p.dtype))
-            if self.ema is not None:
-                for name, e in zip(self.param_names, self.ema):
-                    key = f"ema.{name}"
-                    if key not in ckpt.extra_keys:
-                        continue
-                    if self.sharding == "fsdp":  # the main process's copy, split into this process's shard
-                        full = ckpt.extra[key] if self.is_main else torch.empty(e.shape, dtype=e.dtype)
-                        e.to_local().copy_(shard_like(full, e))
-                    elif sharded:  # ZeRO-2: the main process's copy, whole on every process
-                        e.copy_(broadcast_from_main(ckpt.extra.get(key), e))
-                    else:
-                        e.copy_(ckpt.extra[key].to(e.device, e.dtype))
+        for prefix, copy in copies.items():  # sharded: the main process's full copy, into each process's shard or copy
+            for name, w in zip(self.param_names, copy):
+                if f"{prefix}.{name}" in ckpt.extra_keys:
+                    load_copy_(w, ckpt.extra.get(f"{prefix}.{name}"), replicated=self.sharding == "deepspeed")
         reward_state = {k[len("reward.") :]: v for k, v in ckpt.extra.items() if k.startswith("reward.")}
         if reward_state:
             self.reward.load_state_dict(reward_state, strict=False)
@@ -777,7 +785,7 @@ class Trainer:
         target = Path(directory) if directory is not None else self.output_dir / default
         path = None
         if self.sharded:
-            with _swapped(self.params, self.ema):  # collectives; the weights land on the main process
+            with self.swapped(self.ema):  # collectives; the weights land on the main process
                 if self.sharding == "fsdp":
                     full = full_model_state(self.model.module)
                 elif self.ema is not None:  # ZeRO-2: the EMA is whole on every process
@@ -787,7 +795,7 @@ class Trainer:
             if self.is_main:
                 path = atomic_directory(target, lambda tmp: save_full_denoiser(self.model.module, full, tmp))
         elif self.is_main:
-            with _swapped(self.params, self.ema):
+            with self.swapped(self.ema):
                 if self.config.lora.enabled:
                     path = atomic_directory(target, lambda tmp: save_lora(self.model, tmp))
                 else:
@@ -797,11 +805,16 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return path
 
+    def swapped(self, weights: list[Tensor] | None) -> _swapped:
+        """Context manager: ``weights``, a copy of the trainable parameters (the EMA, DiffusionNFT's old policy,
+        Diffusion-DPO's frozen reference; sharded like them under FSDP), loaded into them for its duration."""
+        return _swapped(self.params, weights, self.model.module if self.sharding == "fsdp" else None)
+
     # ------------------------------------------------------------------ evaluation
     def evaluation_images(self, prompts: Sequence[str], seeds: Sequence[int]) -> Tensor:
         from align.steer.generate import generate
 
-        with _swapped(self.params, self.ema):
+        with self.swapped(self.ema):
             return generate(
                 self.model, prompts, seeds, guidance_scale=self.guidance_scale, height=self.height, width=self.width,
                 negative_prompt=self.config.negative_prompt or None, max_sequence_length=self.config.max_sequence_length,
@@ -1014,23 +1027,30 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 class _swapped:
-    """Context manager: temporarily load EMA weights into the parameters (no-op without EMA)."""
+    """Context manager: temporarily load a copy of the weights (EMA, old policy, frozen reference) into the parameters
+    (no-op for None).  ``sharded_module``: the FSDP-sharded module of the parameters, resharded after each copy so
+    its next forward gathers the swapped shards (see :func:`align.train.sharding.reshard`)."""
 
-    def __init__(self, params: list[torch.nn.Parameter], ema: list[Tensor] | None):
-        self.params, self.ema, self.saved = params, ema, None
+    def __init__(self, params: list[torch.nn.Parameter], weights: list[Tensor] | None,
+                 sharded_module: torch.nn.Module | None = None):
+        self.params, self.weights, self.module, self.saved = params, weights, sharded_module, None
+
+    def _load(self, weights: list[Tensor]) -> None:
+        with torch.no_grad():
+            for p, w in zip(self.params, weights, strict=True):
+                p.copy_(w)
+        if self.module is not None:
+            reshard(self.module)
 
     def __enter__(self):
-        if self.ema is not None:
+        if self.weights is not None:
             self.saved = [p.detach().clone() for p in self.params]
-            with torch.no_grad():
-                for p, e in zip(self.params, self.ema):
-                    p.copy_(e)
+            self._load(self.weights)
 
     def __exit__(self, *exc):
         if self.saved is not None:
-            with torch.no_grad():
-                for p, s in zip(self.params, self.saved):
-                    p.copy_(s)
+            self._load(self.saved)
+            self.saved = None
 
 
 def _reward_state(reward) -> dict[str, Tensor]:

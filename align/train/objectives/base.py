@@ -8,7 +8,9 @@ differs between method families:
 * :meth:`Objective.micro_steps`: how many micro-steps (backward passes) one optimiser step takes;
 * :meth:`Objective.loss`: the loss of one micro-step (the trainer backpropagates ``loss / n``);
 * :meth:`Objective.state_dict` / :meth:`Objective.load_state_dict`: state that must survive a
-  resume (a rollout buffer, running statistics), as tensors and JSON-able values.
+  resume (a rollout buffer, running statistics), as tensors and JSON-able values;
+* :meth:`Objective.weight_copies`: copies of the trained weights it keeps (DiffusionNFT's old policy),
+  which the trainer checkpoints and restores like the EMA (gathered from, and split back into, shards).
 
 One trainer step is one optimiser step whatever the objective.
 """
@@ -42,8 +44,18 @@ class Objective:
         raise NotImplementedError
 
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """(tensors, JSON-able values) to checkpoint; both empty for a stateless objective."""
+        """(tensors, JSON-able values) to checkpoint; both empty for a stateless objective.
+
+        Every process calls it (it may gather what each process holds); the main process's result is saved and
+        every process loads it back."""
         return {}, {}
 
     def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    def weight_copies(self) -> dict[str, list[Tensor]]:
+        """{name: one tensor per trainable parameter, like ``trainer.params``} of the weight copies to checkpoint.
+
+        The trainer saves them as ``objective.<name>.<parameter>`` and loads them back before
+        :meth:`load_state_dict` (under FSDP the copies are sharded like the parameters)."""
+        return {}

@@ -21,8 +21,18 @@ A micro-step noises the winner and the loser with the same level and the same no
 the pair), runs the trained model on both (one batch) and the reference under no_grad, and
 returns :func:`align.train.dpo.dpo_loss`.  The reference is the model with its LoRA disabled; with
 full fine-tuning it is a frozen copy of the denoiser's weights swapped in for its forward pass
-(memory: one more copy of the trained weights, e.g. 3.4 GB for SD 1.5's UNet in fp32).  SDXL pairs
-carry each image's original size and crop as its added time ids.
+(memory: one more copy of the trained weights, e.g. 3.4 GB for SD 1.5's UNet in fp32; under FSDP it
+is sharded like them, each process keeping its shard).  The copy is taken when the trainer is set up,
+from the model as loaded, before a resume loads the trained weights: a resumed run's reference is
+the original model, as in the uninterrupted run (the copy is not checkpointed).  SDXL pairs carry
+each image's original size and crop as its added time ids.
+
+Every process makes the same sequence of denoiser calls (FSDP's all-gathers are collectives): an
+offline micro-step is one global batch of batch_size x processes pairs (incomplete ones dropped), so
+every process has batch_size pairs and the same number of micro-steps per epoch; an online rollout
+gives every process the same number of samples (its size must divide into batch_size x processes
+when there are several) and every process pairs the gathered rollout, so all agree on the number of
+micro-steps.
 """
 
 from __future__ import annotations
@@ -36,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from align.core.errors import AlignError
+from align.core.errors import AlignError, ConfigError
 from align.core.lora import adapters_disabled
 from align.core.sampling import randn
 from align.train.dpo import denoising_target, dpo_loss, noised_pairs, sample_training_levels, sdxl_time_ids
@@ -71,7 +81,8 @@ class DiffusionDPOObjective(PolicyGradientObjective):
         schedule = model.schedule(m.num_steps, sampler=m.sampler, eta=m.eta, height=t.height, width=t.width)
         if not cfg.lora.enabled:
             self._refuse_sharded_copy("the frozen reference")
-        # the frozen reference of full fine-tuning (LoRA: the adapters switched off, no copy)
+        # the frozen reference of full fine-tuning (LoRA: the adapters switched off, no copy); this process's shards
+        # under FSDP. Taken from the model as loaded, before any resume, so it stays the original model
         self.frozen = None if cfg.lora.enabled else [p.detach().clone() for p in t.params]
         self.resolution = m.resolution or t.height
         self.counts = PreferenceCounts()
@@ -79,8 +90,17 @@ class DiffusionDPOObjective(PolicyGradientObjective):
         self._batches: Iterator[LatentPairBatch] | None = None
         self.cache: LatentCache | None = None
         if m.online:
+            rollout_size, per_chunk = m.group_size * m.rollout_prompts, cfg.batch_size * t.num_processes
+            if t.num_processes > 1 and rollout_size % per_chunk:
+                # uneven shares would gather latents of different sizes and, sharded, make different numbers of
+                # (collective) denoiser calls
+                raise ConfigError(
+                    f"{m.name}: an online rollout of {rollout_size} samples (group_size x rollout_prompts) does not "
+                    f"split evenly over batch_size x processes = {cfg.batch_size} x {t.num_processes}; choose sizes "
+                    f"whose product divides {rollout_size}"
+                )
             # one optimiser step per rollout; its micro-steps depend on how many pairs the rollout makes
-            self._init_clean_rollouts(schedule, m.group_size * m.rollout_prompts, m.group_size, 1, 1)
+            self._init_clean_rollouts(schedule, rollout_size, m.group_size, 1, 1)
             self.pairs: tuple[Tensor, Tensor] | None = None
             self.x0_all: Tensor | None = None
         else:
@@ -216,9 +236,7 @@ class DiffusionDPOObjective(PolicyGradientObjective):
             with adapters_disabled(self.trainer.model):
                 yield
         else:
-            from align.train.trainer import _swapped
-
-            with _swapped(self.trainer.params, self.frozen):
+            with self.trainer.swapped(self.frozen):
                 yield
 
     def loss(self, step: int, micro: int) -> tuple[Tensor, dict[str, float]]:

@@ -14,12 +14,13 @@ noise levels of the rollout's schedule (drawn per sample, one level per micro-st
 x_t, and :func:`align.train.nft.nft_loss`.  Memory is one model call's forward and backward.
 
 Weights.  The old policy is a copy of the trainable parameters only (LoRA: the adapter weights;
-full fine-tuning: a second copy of the denoiser's weights), swapped in for its forward passes
-under no_grad.  It starts equal to the trained weights and follows them once per rollout, before
-the next rollout is sampled: old <- d old + (1 - d) theta with d = ``old_decay(step)`` at the
+full fine-tuning: a second copy of the denoiser's weights, sharded like them under FSDP: each process
+keeps its shard), swapped in for its forward passes under no_grad.  It starts equal to the trained
+weights and follows them once per rollout, before the next rollout is sampled: old <- d old + (1 - d) theta with d = ``old_decay(step)`` at the
 optimiser step reached.  The reference is the model with its LoRA disabled (no copy; the trainer
 requires LoRA when ``kl_weight`` > 0, since a frozen copy of a fully fine-tuned denoiser would cost
-a third copy of its weights).  The old weights and the rollout in use are checkpointed, so a
+a third copy of its weights).  The old weights (gathered whole onto the main process under FSDP,
+and split back into shards on resume, as the EMA is) and the rollout in use are checkpointed, so a
 resumed run continues exactly.  Invalid samples (a reward fault in drop mode) get advantage 0,
 so r = 1/2: they pull the model toward the old policy only.
 """
@@ -68,7 +69,8 @@ class DiffusionNFTObjective(PolicyGradientObjective):
         self._init_clean_rollouts(schedule, m.rollout_size, m.group_size, m.optimizer_steps_per_rollout, micro_batches)
         self.trained_steps = m.trained_steps
         self._refuse_sharded_copy("the old policy")
-        # the old policy: a copy of the trainable parameters, and the last rollout it was brought up to date for
+        # the old policy: a copy of the trainable parameters (of this process's shards under FSDP), and the last
+        # rollout it was brought up to date for
         self.old = [p.detach().clone() for p in t.params]
         self.old_rollout = 0
 
@@ -86,9 +88,7 @@ class DiffusionNFTObjective(PolicyGradientObjective):
 
     # ------------------------------------------------------------------ the old policy
     def _old_weights(self):
-        from align.train.trainer import _swapped
-
-        return _swapped(self.trainer.params, self.old)
+        return self.trainer.swapped(self.old)
 
     def _update_old_policy(self, rollout: int) -> float:
         """Soft-update the old policy once per finished rollout up to ``rollout`` (returns the last decay)."""
@@ -162,16 +162,16 @@ class DiffusionNFTObjective(PolicyGradientObjective):
         return result.total.float(), metrics
 
     # ------------------------------------------------------------------ checkpoint state
+    def weight_copies(self) -> dict[str, list[Tensor]]:
+        """The old policy's weights: the trainer checkpoints them (gathered under FSDP) and restores them."""
+        return {"old": self.old}
+
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
         tensors, state = super().state_dict()
-        tensors.update({f"old.{name}": w for name, w in zip(self.trainer.param_names, self.old)})
         state["old_rollout"] = self.old_rollout
         return tensors, state
 
     def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
         super().load_state_dict(tensors, state)
-        if "old_rollout" in state:
-            with torch.no_grad():
-                for name, w in zip(self.trainer.param_names, self.old):
-                    w.copy_(tensors[f"old.{name}"])
+        if "old_rollout" in state:  # the old weights themselves are restored by the trainer (weight_copies)
             self.old_rollout = int(state["old_rollout"])

@@ -22,7 +22,8 @@ shape: on-policy importance ratios are exactly 1).  Which sample sits at a posit
 (one per group), its noise, the stochastic steps of the rollout and each sample's trained steps
 all come from seeds of (run seed, rollout, ...), so a resumed run or a run over more processes
 draws the same samples (later passes reshuffle within each process).  The objective's state
-(the rollout in use, DDPO's per-prompt statistics) is checkpointed, so resume is exact.
+(the rollout in use, every process's rows of it gathered, and DDPO's per-prompt statistics) is
+checkpointed, so resume is exact; each process takes its own rows back by sample id.
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class RolloutBuffer:
     timing: dict[str, float] = field(default_factory=dict)  # of the collection (logged once, not checkpointed)
 
     _TENSORS = ("sample_ids", "x_in", "x_next", "log_probs", "advantages", "means", "x0", "rewards", "reward_valid")
+    #: the tensors with one row per local sample (each process holds its own rows; the others are the rollout's)
+    ROWS = ("sample_ids", "x_in", "x_next", "log_probs", "advantages", "means", "x0")
 
     def tensors(self) -> dict[str, Tensor]:
         return {k: getattr(self, k) for k in self._TENSORS if getattr(self, k) is not None}
@@ -167,13 +170,14 @@ class PolicyGradientObjective(Objective):
         self._executor: ThreadPoolExecutor | None = None
 
     def _refuse_sharded_copy(self, what: str) -> None:
-        """A copy of the trained weights (``what``) is kept whole and checkpointed by the main process only, so a
-        sharded full fine-tuning run would keep and save one shard of it: refused with what is accepted."""
+        """A copy of the trained weights (``what``) is sharded like them under FSDP, but DeepSpeed's partitioned
+        weights have no such copy here: refused with what is accepted."""
         sharding = getattr(self.trainer, "sharding", "none")
-        if sharding != "none":
+        if sharding not in ("none", "fsdp"):
             raise ConfigError(
                 f"{self.trainer.method.name} with sharding={sharding!r}: {what} is a copy of the trained weights, not "
-                "sharded yet; accepted: LoRA (lora.enabled=true), or full fine-tuning with sharding=none"
+                "partitioned by DeepSpeed; accepted: LoRA (lora.enabled=true), or full fine-tuning with sharding=none "
+                "or fsdp"
             )
 
     def _init_clean_rollouts(self, schedule: SamplingSchedule, rollout_size: int, group_size: int,
@@ -435,20 +439,41 @@ class PolicyGradientObjective(Objective):
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The rollout in use (every process's rows, gathered: a collective every process joins) and the tracker."""
         tensors: dict[str, Tensor] = {}
         state: dict[str, Any] = {"buffer": None, "tracker": None}
         if self.buffer is not None and self.buffer.index * self.steps_per_rollout + self.steps_per_rollout > self.trainer.step:
             # a rollout still in use (a finished one is not needed to resume)
-            tensors = {f"buffer.{k}": v for k, v in self.buffer.tensors().items()}
+            tensors = {f"buffer.{k}": self._all_rows(v) if k in RolloutBuffer.ROWS else v
+                       for k, v in self.buffer.tensors().items()}
             state["buffer"] = self.buffer.meta()
         if self.tracker is not None:
             state["tracker"] = self.tracker.state_dict()
         return tensors, state
 
+    def _all_rows(self, local: Tensor) -> Tensor:
+        """Every process's rows of a rollout tensor, in process order (all processes hold as many rows)."""
+        acc = self.trainer.accelerator
+        return acc.gather(local.to(acc.device)).cpu() if self.trainer.num_processes > 1 else local
+
     def load_state_dict(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
         if state.get("buffer") is not None:
             buffered = {k[len("buffer."):]: v for k, v in tensors.items() if k.startswith("buffer.")}
-            self.buffer = RolloutBuffer.restore(buffered, state["buffer"])
+            meta = state["buffer"]
+            index = int(meta["index"])
+            # this process's rows of the checkpointed rollout, found by sample id, in the order collect() lays them out
+            mine = [int(s) for s in self.sample_order(index)[self.positions]]
+            row_of = {int(s): r for r, s in enumerate(buffered["sample_ids"])}
+            if any(s not in row_of for s in mine):
+                raise AlignError(
+                    f"the checkpoint's rollout {index} holds {len(row_of)} of its {self.rollout_size} samples, not "
+                    "this process's (a checkpoint written by a multi-process run before rollouts were gathered); "
+                    "resume from a checkpoint at the end of a rollout"
+                )
+            rows = torch.tensor([row_of[s] for s in mine], dtype=torch.long)
+            local = {k: v[rows] if k in RolloutBuffer.ROWS else v for k, v in buffered.items()}
+            prompts = [self.prompt_of(index, s) for s in mine]
+            self.buffer = RolloutBuffer.restore(local, {**meta, "prompts": prompts})
         if self.tracker is not None and state.get("tracker") is not None:
             self.tracker.load_state_dict(state["tracker"])
 
