@@ -263,6 +263,29 @@ def test_bad_deepspeed_settings_are_refused(tmp_path, overrides, match):
         from_dict(TrainConfig, settings)
 
 
+@pytest.mark.parametrize(
+    ("method", "method_args", "what"),
+    [("diffusion_nft", {"num_steps": 2, "eval_num_steps": 2, "group_size": 2, "rollout_prompts": 2, "kl_weight": 0.0},
+      "the old policy"),
+     ("diffusion_dpo", {"num_steps": 2, "group_size": 2, "rollout_prompts": 2, "pairing": "halves"},
+      "the frozen reference")],
+)
+def test_methods_with_a_weight_copy_refuse_deepspeed(tmp_path, method, method_args, what):
+    """DiffusionNFT's old policy and Diffusion-DPO's frozen reference are not partitioned by DeepSpeed: refused when
+    the objective is built (before any engine), with what is accepted."""
+    from align.core.models import DiffusionModel
+    from align.train.trainer import Trainer
+
+    (tmp_path / "zero2.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    config = from_dict(TrainConfig, {
+        "method": method, "output_dir": str(tmp_path / "run"), "device": "cpu", "prompts": PROMPTS,
+        "lora": {"enabled": False}, "deepspeed_config": str(tmp_path / "zero2.json"), "sample_every": 0,
+        "model_recommendations": False, method: method_args})
+    trainer = Trainer(config, model=DiffusionModel(tiny_pipeline("sd")), progress=False)
+    with pytest.raises(ConfigError, match=f"{what} is a copy of the trained weights, not partitioned by DeepSpeed"):
+        trainer.setup()
+
+
 def test_deepspeed_follows_its_config_or_its_launch():
     assert resolve_sharding("auto", "MULTI_CPU", 2, lora_enabled=False, deepspeed_config=True) == "deepspeed"
     assert resolve_sharding("deepspeed", "NO", 1, lora_enabled=False, deepspeed_config=True) == "deepspeed"
