@@ -339,11 +339,13 @@ HANG_DRIVER = textwrap.dedent(
 )
 
 
-@pytest.mark.slow  # one launch that waits out the timeout: about 40 s on 2 shared cores
-def test_a_hung_process_stops_the_others_within_the_timeout_under_zero3(tmp_path):
-    """Rank 1 hangs (SIGSTOP) before its first step; rank 0, waiting in ZeRO-3's first all-gather of weights, exits
-    with an error naming distributed_timeout_s instead of waiting forever. DeepSpeed's own process group (the one
-    its gradient reductions use; torch would give it the 30-minute default) has that timeout too."""
+@pytest.mark.slow  # two launches with a timeout each: about 40 s apiece on 2 shared cores
+@pytest.mark.parametrize("fate", ["killed", "hung"])
+def test_a_dead_or_hung_process_stops_the_others_within_the_timeout_under_zero3(tmp_path, fate):
+    """Rank 1 stalls before its first step and is then killed (SIGKILL) or left hanging (SIGSTOP); rank 0, waiting in
+    ZeRO-3's first all-gather of weights, exits with an error naming distributed_timeout_s instead of waiting forever.
+    DeepSpeed's own process group (the one its gradient reductions use; torch would give it the 30-minute default)
+    has that timeout too."""
     import signal
     import time
 
@@ -374,7 +376,7 @@ def test_a_hung_process_stops_the_others_within_the_timeout_under_zero3(tmp_path
             assert time.monotonic() < deadline, "rank 1 never reached its first step"
             time.sleep(0.2)
         stalled = time.monotonic()
-        os.kill(rank1.pid, signal.SIGSTOP)
+        os.kill(rank1.pid, signal.SIGKILL if fate == "killed" else signal.SIGSTOP)
         _, err = rank0.communicate(timeout=timeout + 90)
         waited = time.monotonic() - stalled
     finally:
@@ -384,6 +386,9 @@ def test_a_hung_process_stops_the_others_within_the_timeout_under_zero3(tmp_path
                 p.wait()
     assert rank0.returncode not in (0, None)
     assert "distributed_timeout_s" in err, err[-3000:]
-    assert timeout - 1 <= waited <= timeout + 45, waited  # only the timeout ends the wait
+    if fate == "hung":  # nothing tells rank 0 that its peer is gone: only the timeout ends the wait
+        assert timeout - 1 <= waited <= timeout + 45, waited
+    else:
+        assert waited <= timeout + 45, waited
     assert float(Path(str(marker) + ".timeout").read_text()) == timeout
-    print(f"rank 0 stopped {waited:.1f} s after rank 1 hung (timeout {timeout} s)")
+    print(f"{fate}: rank 0 stopped {waited:.1f} s after rank 1 stalled (timeout {timeout} s)")
