@@ -1,15 +1,21 @@
-"""The cost of sharding full fine-tuning: FSDP2 over 2 processes against the unsharded paths, on the CPU (gloo).
+"""The cost of sharding full fine-tuning: FSDP2 and DeepSpeed ZeRO-2/3 over 2 processes against the unsharded paths,
+on the CPU (gloo).
 
-Three ways to train the whole denoiser with DRaFT-K on the same global batch:
+Ways to train the whole denoiser with DRaFT-K on the same global batch:
 
 * ``plain-1``: one process, the whole batch;
 * ``replicated-2``: two processes, each holding the whole model (``sharding=none``: one flat all-reduce of
   every gradient per step);
 * ``fsdp-2``: two processes with ``sharding=fsdp`` (each block's weights gathered while it runs, gradients
-  reduce-scattered, weights / gradients / AdamW state halved).
+  reduce-scattered, weights / gradients / AdamW state halved);
+* ``zero2-2``, ``zero3-2``: two processes with ``sharding=deepspeed`` (DeepSpeed ZeRO-2: the fp32 master weights,
+  gradients and AdamW state partitioned, the module's weights whole on every process; ZeRO-3: those partitioned
+  too).  Run them into their own file (``--variants plain-1 zero2-2 zero3-2``): DeepSpeed is an optional extra.
 
 Per process: the median optimiser-step time, the bytes of trained state it holds (weights, gradients, AdamW
-moments: its shards under FSDP; counted from the tensors, so exact), and its resident-set high-water mark
+moments: its shards under FSDP; counted from the tensors, so exact; under DeepSpeed the weights are the module's
+(whole, or ZeRO-3's partitions) plus the fp32 master partition, and the gradients the fp32 partition DeepSpeed
+reduces them into, the master partition's size), and its resident-set high-water mark
 during the steps (``VmHWM``, everything the process holds: the frozen VAE and text encoder, activations,
 gloo buffers).  The global batch and the samples are the same in every row (the trainer's seeds), so the
 rows differ only in how the work is split.
@@ -18,6 +24,7 @@ Example::
 
     python bench/sharding.py --out bench/results/sharding_cpu.json
     python bench/sharding.py --model sd15 --resolution 256 --steps 3 --out bench/results/sharding_sd15_cpu.json
+    python bench/sharding.py --steps 8 --variants plain-1 zero2-2 zero3-2 --out bench/results/sharding_deepspeed_cpu.json
 """
 
 from __future__ import annotations
@@ -40,7 +47,11 @@ if str(ROOT) not in sys.path:
 
 from bench.common import MIB, WORKER_ENV, load_average, new_payload, write_results  # noqa: E402
 
-VARIANTS = {"plain-1": (1, "none"), "replicated-2": (2, "none"), "fsdp-2": (2, "fsdp")}
+#: variant -> (processes, sharding, ZeRO stage)
+VARIANTS = {"plain-1": (1, "none", 0), "replicated-2": (2, "none", 0), "fsdp-2": (2, "fsdp", 0),
+            "zero2-2": (2, "deepspeed", 2), "zero3-2": (2, "deepspeed", 3)}
+#: the variants run by default (DeepSpeed's need the optional extra: --variants)
+DEFAULT_VARIANTS = ["plain-1", "replicated-2", "fsdp-2"]
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
 
 
@@ -75,10 +86,16 @@ def worker(job: dict[str, Any]) -> None:
     trainer = Trainer(from_dict(TrainConfig, job["config"]), progress=False)
     trainer.setup()
     trainer.train_step()  # warm-up: the optimiser state is created
-    state = {
-        "weights": _local_bytes(trainer.params),
-        "adam": _local_bytes([v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]),
-    }
+    adam = _local_bytes([v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()])
+    if trainer.engine is None:
+        state = {"weights": _local_bytes(trainer.params), "gradients": _local_bytes(trainer.params), "adam": adam}
+    else:
+        from align.train.sharding import master_partitions
+
+        # a gradient has its weight's shape and dtype (FSDP), or that of DeepSpeed's fp32 master partition
+        master = _local_bytes(master_partitions(trainer.engine))
+        module = _local_bytes([getattr(p, "ds_tensor", p) for p in trainer.params])  # ZeRO-3: the partitions
+        state = {"weights": module + master, "gradients": master, "adam": adam}
     _reset_hwm()
     times = []
     for _ in range(job["steps"]):
@@ -86,11 +103,9 @@ def worker(job: dict[str, Any]) -> None:
         metrics = trainer.train_step()
         times.append(time.perf_counter() - start)
         assert metrics["skipped"] == 0
-    # a gradient has its weight's shape and dtype (it lives from the backward to the optimiser step)
-    grads = state["weights"]
     row = {
         "rank": trainer.rank, "step_time_s": statistics.median(times), "step_times_s": times,
-        "weights_mb": state["weights"] / MIB, "gradients_mb": grads / MIB, "adam_mb": state["adam"] / MIB,
+        "weights_mb": state["weights"] / MIB, "gradients_mb": state["gradients"] / MIB, "adam_mb": state["adam"] / MIB,
         "rss_peak_mb": _hwm_mb(), "sharding": trainer.sharding, "processes": trainer.num_processes,
     }
     rows = [None] * trainer.num_processes
@@ -109,7 +124,7 @@ def _free_port() -> int:
 
 
 def run_variant(name: str, model: str, args, folder: Path) -> dict[str, Any]:
-    processes, sharding = VARIANTS[name]
+    processes, sharding, stage = VARIANTS[name]
     config = {
         "model": model, "device": "cpu", "method": "draft", "prompts": PROMPTS, "reward": "brightness",
         "lora": {"enabled": False}, "sharding": sharding, "batch_size": args.global_batch // processes,
@@ -119,6 +134,11 @@ def run_variant(name: str, model: str, args, folder: Path) -> dict[str, Any]:
     }
     if args.resolution:
         config.update(height=args.resolution, width=args.resolution)
+    if stage:
+        ds_config = folder / f"zero{stage}.json"
+        zero = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}  # all partitioned
+        ds_config.write_text(json.dumps({"zero_optimization": zero}))
+        config["deepspeed_config"] = str(ds_config)
     job = {"config": config, "steps": args.steps, "result": str(folder / f"{name}.json")}
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(_free_port())]
@@ -139,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-steps", type=int, default=4, help="sampling steps T (K = 1)")
     parser.add_argument("--global-batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed optimiser steps (after one warm-up step)")
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     parser.add_argument("--out", default="bench/results/sharding_cpu.json")
     args = parser.parse_args(argv)
     payload = new_payload("sharding", __file__, argv, "cpu", 1)

@@ -216,7 +216,7 @@ class CheckpointManager:
 
         ``weights=False`` leaves out the trained weights, the optimiser state and the copies of the weights (the
         extra tensors whose names start with one of ``copies``: the EMA, DiffusionNFT's old policy), for a process
-        that receives its shards from the main process under FSDP: one full copy in CPU memory per machine would
+        that receives its shards from the main process under sharding (FSDP, DeepSpeed): one full copy in CPU memory per machine would
         otherwise become one per process.
         """
         target = Path(path) if path is not None else self.latest()

@@ -33,15 +33,33 @@ are sharded like the parameters (clones of their DTensor shards); swapping one i
 (:func:`reshard`), checkpoints gather them whole onto the main process (:func:`gather_copy`) and
 resume splits them back (:func:`load_copy_`).
 
-DeepSpeed ZeRO-2/3 launch configs are recognised and checked (:func:`check_deepspeed_config`), but
-training under them is refused for now (:func:`prepare_deepspeed` says why); FSDP2 shards the same state.
+DeepSpeed ZeRO-2 and ZeRO-3 (``sharding='deepspeed'``) follow the same design: the trainer calls
+``deepspeed.initialize`` itself, on the denoiser alone, with its own AdamW (which DeepSpeed's ZeRO
+optimiser wraps and steps on the fp32 master partitions, so the trainer's LambdaLR keeps setting the
+rate) and the DeepSpeed config from an accelerate DeepSpeed launch or from TrainConfig.deepspeed_config
+(for torchrun / plain launches, and the CPU tests); it fills in what it owns (micro-batch, clipping at
+max_grad_norm, bf16, accumulation 1: it accumulates itself and marks DeepSpeed's boundary on its last
+micro-step).  It keeps calling the denoiser module directly through the sampling chain (ZeRO-3's
+gather hooks sit on the module's submodules) and backpropagates through :func:`deepspeed_backward`.
+ZeRO-2 keeps the compute-dtype weights whole on every process and partitions the fp32 master weights,
+gradients and Adam moments; ZeRO-3 partitions the weights too.  ZeRO skips (and drops) a step whose
+gradient norm is not finite, in fp32 as in bf16; a non-finite loss on any process skips the step
+before its boundary (:func:`discard_gradients`).  Checkpoints hold the full fp32 master weights and the
+full AdamW state keyed by parameter name, gathered with DeepSpeed's ``safe_get_full_*`` and set back
+with ``safe_set_full_*`` (:func:`deepspeed_full_weights`, :func:`load_deepspeed_state`), so resume is
+exact.  An EMA is kept under ZeRO-2 (whole weights, like the parameters) and refused under ZeRO-3;
+DiffusionNFT and Diffusion-DPO (whose old policy / frozen reference would have to follow ZeRO-3's
+partitions too), fp16 and offloading are refused.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,13 +89,16 @@ class FSDPSettings:
     offload_params: bool = False
 
 
-def resolve_sharding(requested: str, distributed_type: str, num_processes: int, lora_enabled: bool) -> str:
+def resolve_sharding(requested: str, distributed_type: str, num_processes: int, lora_enabled: bool,
+                     deepspeed_config: bool = False) -> str:
     """The sharding a run uses: 'none', 'fsdp' or 'deepspeed'.
 
     ``requested`` is TrainConfig.sharding; ``distributed_type`` is accelerate's (``"FSDP"``,
-    ``"DEEPSPEED"``, ``"MULTI_GPU"``, ``"MULTI_CPU"``, ``"NO"``...).  'auto' follows the accelerate
-    launch config; LoRA always takes the light path (and refuses an FSDP / DeepSpeed launch).  FSDP
-    over one process has nothing to shard and runs the plain path.
+    ``"DEEPSPEED"``, ``"MULTI_GPU"``, ``"MULTI_CPU"``, ``"NO"``...); ``deepspeed_config``: whether
+    TrainConfig.deepspeed_config names a DeepSpeed config (for runs not launched by accelerate's DeepSpeed
+    launcher: torchrun, a plain ``accelerate launch``).  'auto' follows the accelerate launch config, or the
+    deepspeed_config; LoRA always takes the light path (and refuses an FSDP / DeepSpeed launch).  FSDP over one
+    process has nothing to shard and runs the plain path; DeepSpeed runs as asked (its launch wants its engine).
     """
     launched = LAUNCHED_SHARDING.get(distributed_type, "none")
     if lora_enabled and launched != "none":
@@ -87,14 +108,22 @@ def resolve_sharding(requested: str, distributed_type: str, num_processes: int, 
             "holds the model; one all-reduce of the adapter gradients); launch it with a plain multi-GPU config "
             "(accelerate launch -m align train ...), or set lora.enabled=false to shard full fine-tuning"
         )
-    if requested == "auto":
-        requested = launched
-    if requested == "deepspeed" and launched != "deepspeed":
+    if deepspeed_config and launched != "none":
         raise ConfigError(
-            f"sharding='deepspeed' needs a run launched with an accelerate DeepSpeed config (accelerate launch "
-            f"--config_file examples/accelerate/deepspeed_zero2_1node_8gpu.yaml ...); this run's accelerate "
-            f"distributed type is {distributed_type!r}. Accepted here: 'auto', 'none', 'fsdp'"
+            f"deepspeed_config is set but the run was launched with an accelerate {distributed_type} config; "
+            "deepspeed_config is for runs launched without one (torchrun, a plain accelerate launch): drop one of them"
         )
+    if requested == "auto":
+        requested = "deepspeed" if deepspeed_config else launched
+    if requested == "deepspeed" and launched != "deepspeed" and not deepspeed_config:
+        raise ConfigError(
+            f"sharding='deepspeed' needs a DeepSpeed config: launch with an accelerate DeepSpeed config (accelerate "
+            f"launch --config_file examples/accelerate/deepspeed_zero2_1node_8gpu.yaml ...), or set deepspeed_config "
+            f"to a DeepSpeed JSON or accelerate DeepSpeed YAML; this run's accelerate distributed type is "
+            f"{distributed_type!r}. Accepted without one: 'auto', 'none', 'fsdp'"
+        )
+    if requested != "deepspeed" and deepspeed_config:
+        raise ConfigError(f"sharding={requested!r} with deepspeed_config set; accepted: 'auto' or 'deepspeed'")
     if requested != launched and launched != "none":
         raise ConfigError(
             f"sharding={requested!r} but the run was launched with an accelerate {distributed_type} config; "
@@ -200,13 +229,17 @@ def gather_copy(names: Sequence[str], copy: Sequence[Tensor], is_main: bool) -> 
     return full
 
 
-def load_copy_(copy: Tensor, full: Tensor | None) -> None:
+def load_copy_(copy: Tensor, full: Tensor | None, replicated: bool = False) -> None:
     """Load a checkpointed full tensor into one tensor of a weight copy, in place: a sharded one receives its shard of
-    the main process's ``full`` (a collective; the other processes pass None), a plain one copies ``full``."""
+    the main process's ``full`` (a collective; the other processes pass None), a ``replicated`` one (whole on every
+    process while only the main process read the checkpoint: ZeRO-2's EMA) the main process's ``full`` (a collective
+    too), a plain one copies ``full``."""
     with torch.no_grad():
         if is_sharded(copy):
             source = full if full is not None else torch.empty(copy.shape, dtype=copy.dtype)
             copy.to_local().copy_(shard_like(source, copy))
+        elif replicated:
+            copy.copy_(broadcast_from_main(full, copy))
         else:
             copy.copy_(full.to(copy.device, copy.dtype))
 
@@ -285,12 +318,66 @@ def save_full_denoiser(module: nn.Module, state: Mapping[str, Tensor], directory
     )
 
 
-def check_deepspeed_config(ds_config: Mapping[str, Any], *, max_grad_norm: float, ema: bool) -> int:
-    """Check an accelerate DeepSpeed config against what the trainer does; returns its ZeRO stage (2 or 3).
+#: the sections of a DeepSpeed config the trainer owns: its own AdamW and learning-rate schedule
+DEEPSPEED_OWNED_SECTIONS = ("optimizer", "scheduler")
+#: the accelerate config's deepspeed_config keys :func:`load_deepspeed_config` passes to accelerate's DeepSpeedPlugin
+ACCELERATE_DEEPSPEED_KEYS = ("zero_stage", "gradient_accumulation_steps", "gradient_clipping", "offload_optimizer_device",
+                             "offload_param_device", "zero3_init_flag", "zero3_save_16bit_model", "deepspeed_config_file")
 
-    The trainer accumulates micro-steps and clips gradients itself, so the DeepSpeed config must leave
-    both to it (accumulation 1, clipping equal to the method's max_grad_norm or 'auto'); fp16 is refused
-    (use bf16), and so is an EMA (it would need the partitioned weights).
+
+def load_deepspeed_config(path: str | Path) -> dict[str, Any]:
+    """The DeepSpeed config in ``path``: a DeepSpeed JSON file, or an accelerate config YAML whose
+    ``deepspeed_config`` section accelerate's DeepSpeedPlugin turns into one (what ``accelerate launch`` does)."""
+    file = Path(path)
+    accepted = "accepted: a DeepSpeed JSON file, or an accelerate DeepSpeed YAML (examples/accelerate/deepspeed_zero2_1node_8gpu.yaml)"
+    if not file.is_file():
+        raise ConfigError(f"deepspeed_config={str(path)!r} is not a file; {accepted}")
+    text = file.read_text()
+    if file.suffix == ".json":
+        try:
+            config = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"deepspeed_config={str(path)!r} is not valid JSON ({exc}); {accepted}") from None
+    else:
+        import yaml
+
+        launch = yaml.safe_load(text) or {}
+        section = launch.get("deepspeed_config") if isinstance(launch, dict) else None
+        if not isinstance(section, dict):
+            raise ConfigError(f"deepspeed_config={str(path)!r} has no deepspeed_config section; {accepted}")
+        unknown = sorted(set(section) - set(ACCELERATE_DEEPSPEED_KEYS))
+        if unknown:
+            raise ConfigError(f"deepspeed_config={str(path)!r}: unknown key {unknown[0]!r} in its deepspeed_config "
+                              f"section; accepted: {', '.join(ACCELERATE_DEEPSPEED_KEYS)}")
+        from accelerate.utils import DeepSpeedPlugin
+
+        check_zero3_init(section.get("zero3_init_flag"))
+        options = {k: v for k, v in section.items() if k != "deepspeed_config_file"}
+        if "deepspeed_config_file" in section:
+            return load_deepspeed_config(section["deepspeed_config_file"])
+        config = DeepSpeedPlugin(**options).deepspeed_config
+    if not isinstance(config, dict):
+        raise ConfigError(f"deepspeed_config={str(path)!r} does not hold a mapping; {accepted}")
+    return config
+
+
+def check_zero3_init(flag) -> None:
+    """Refuse accelerate's ``zero3_init_flag``: it makes transformers' ``from_pretrained`` partition every model it
+    loads (the frozen text encoders too), while the trainer loads the pipeline whole and partitions the denoiser."""
+    if flag in (True, "true"):
+        raise ConfigError(
+            "the accelerate DeepSpeed config sets zero3_init_flag: true; accepted: false (the trainer partitions only "
+            "the denoiser, after loading; zero.Init would partition the frozen text encoders as they load)"
+        )
+
+
+def check_deepspeed_config(ds_config: Mapping[str, Any], *, max_grad_norm: float) -> int:
+    """Check a DeepSpeed config against what the trainer does; returns its ZeRO stage (2 or 3).
+
+    The trainer accumulates micro-steps itself (it marks the last one as DeepSpeed's accumulation
+    boundary), so the config must leave accumulation to it (1 or 'auto') and clip at the method's
+    max_grad_norm (or 'auto'); fp16 is refused (use bf16), and so are an optimizer / scheduler section
+    (the trainer's AdamW and schedule are used) and offloading (not tested here).
     """
     zero = ds_config.get("zero_optimization") or {}
     stage = int(zero.get("stage", 0))
@@ -310,28 +397,209 @@ def check_deepspeed_config(ds_config: Mapping[str, Any], *, max_grad_norm: float
         )
     if (ds_config.get("fp16") or {}).get("enabled") in (True, "true"):
         raise ConfigError("the DeepSpeed config enables fp16; accepted: bf16 (mixed_precision: bf16) or none")
-    if ema:
-        raise ConfigError("ema_decay > 0 with sharding='deepspeed'; accepted: ema_decay=0, or sharding='fsdp'")
+    for section in DEEPSPEED_OWNED_SECTIONS:
+        if section in ds_config:
+            raise ConfigError(
+                f"the DeepSpeed config has a {section!r} section; the trainer uses its own AdamW and learning-rate "
+                "schedule (the method's learning_rate, weight_decay, lr_schedule): remove it"
+            )
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in (None, "none"):
+            raise ConfigError(f"the DeepSpeed config sets {key} device={device!r}; accepted: none (offloading is not "
+                              "supported by the trainer yet)")
     return stage
 
 
-def prepare_deepspeed(trainer) -> None:
-    """Validate the DeepSpeed launch config, then refuse: the trainer does not drive DeepSpeed's engine yet.
+def check_deepspeed_ema(stage: int, ema_decay: float) -> None:
+    """An EMA is kept under ZeRO-2 (the module's weights are whole on every process, as in an unsharded run) but
+    refused under ZeRO-3, whose weights exist only as partitions."""
+    if stage == 3 and ema_decay > 0:
+        raise ConfigError(f"ema_decay={ema_decay} with DeepSpeed ZeRO-3; accepted: ema_decay=0, or ZeRO-2, or "
+                          "sharding='fsdp'")
 
-    DeepSpeed's engine owns the backward pass, accumulation, clipping and the optimiser step, which the
-    trainer's one loop does itself for every method; wiring it in could not be run here (accelerate 1.15
-    runs a DeepSpeed launch on the CPU as single processes, and no GPU was available), so it is refused
-    rather than shipped untested.  FSDP2 (``sharding='fsdp'``) shards the same state.
-    """
-    plugin = trainer.accelerator.state.deepspeed_plugin
-    method = trainer.method
-    check_deepspeed_config(plugin.deepspeed_config, max_grad_norm=method.max_grad_norm,
-                           ema=trainer.config.ema_decay > 0)
-    raise ConfigError(
-        "sharding='deepspeed': the trainer does not drive DeepSpeed's engine yet (it owns the backward pass, "
-        "accumulation and the optimiser step, which the trainer's loop does itself); shard with FSDP2 instead: "
-        "accelerate launch --config_file examples/accelerate/fsdp2_1node_8gpu.yaml -m align train ..."
+
+def broadcast_from_main(full: Tensor | None, like: Tensor) -> Tensor:
+    """The main process's ``full`` on every process, shaped and typed as ``like`` (a collective; the other processes
+    pass None)."""
+    import torch.distributed as dist
+
+    value = full.to(like.device, like.dtype).contiguous() if dist.get_rank() == 0 else torch.empty_like(like)
+    dist.broadcast(value, src=0)
+    return value
+
+
+def engine_config(ds_config: Mapping[str, Any], *, batch_size: int, max_grad_norm: float, bf16: bool) -> dict[str, Any]:
+    """The config the trainer passes to ``deepspeed.initialize``: ``ds_config`` (checked) with the values the trainer
+    owns filled in, and accelerate's remaining 'auto' values dropped (DeepSpeed's defaults apply)."""
+    check_deepspeed_config(ds_config, max_grad_norm=max_grad_norm)
+    config = {k: v for k, v in ds_config.items() if v != "auto" and k not in ("train_batch_size", "fp16")}
+    config["zero_optimization"] = {k: v for k, v in ds_config["zero_optimization"].items() if v != "auto"}
+    config.update(
+        train_micro_batch_size_per_gpu=batch_size,
+        gradient_accumulation_steps=1,  # the trainer marks the boundary of its own accumulation
+        gradient_clipping=float(max_grad_norm or 0.0),
+        bf16={**(ds_config.get("bf16") or {}), "enabled": bf16},
+        zero_allow_untested_optimizer=True,  # the trainer's torch AdamW
     )
+    config.setdefault("steps_per_print", 2**62)
+    return config
+
+
+def prepare_deepspeed(module: nn.Module, optimizer: torch.optim.Optimizer, config: Mapping[str, Any], timeout_s: float):
+    """``deepspeed.initialize`` on the denoiser with the trainer's AdamW; returns the engine.
+
+    DeepSpeed wraps ``optimizer`` in its ZeRO optimiser, which keeps the fp32 master partitions and steps the
+    same torch AdamW on them: the trainer's LambdaLR, built on ``optimizer``, keeps setting the rate it uses.
+    ZeRO-3 partitions the module's weights and gathers them in hooks on the module's submodules, so the trainer
+    keeps calling the module itself.  DeepSpeed's collectives run on a clone of the world process group; it is
+    made here with the run's timeout (DeepSpeed would make it with the default one).
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    if dist.is_initialized() and groups._WORLD_GROUP is None:
+        groups._WORLD_GROUP = dist.new_group(ranks=range(dist.get_world_size()), timeout=timedelta(seconds=timeout_s))
+    engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=dict(config))
+    return engine
+
+
+def deepspeed_backward(engine, loss: Tensor) -> None:
+    """``engine.backward(loss)`` for a loss computed by calling ``engine.module`` directly (not ``engine(...)``).
+
+    What ``engine.forward`` adds is done here: the ZeRO optimiser's per-forward reset (ZeRO-3 counts micro-steps
+    there, and adds a micro-step's gradients to the previous ones only once it has counted them) and DeepSpeed's
+    backward prologue, hooked on the loss so that it runs at the start of the backward pass, as it would on an
+    output of ``engine(...)``.  The micro-step's accumulation boundary is set by the caller.
+    """
+    from deepspeed.runtime.utils import register_output_backward_hooks
+
+    engine.optimizer.clear_backward_seen_flag()
+    register_output_backward_hooks(loss, preprocess_once_fn=engine._backward_prologue)
+    engine.backward(loss)
+
+
+def discard_gradients(engine) -> None:
+    """Drop the gradients accumulated by the micro-steps of a step that is skipped before its boundary, as the
+    ZeRO optimiser drops those of a step whose gradients overflow (DeepSpeed 0.19's overflow branch of
+    ``DeepSpeedZeroOptimizer.step`` for ZeRO-2, ``zero_grad`` for ZeRO-3, which then overwrites the partitions)."""
+    optimizer = engine.optimizer
+    optimizer.zero_grad(set_to_none=True)
+    if engine.zero_optimization_stage() == 3:
+        return
+    from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+    optimizer._release_preflattened_grad_buffers()
+    for k in list(optimizer.averaged_gradients):
+        optimizer.averaged_gradients[k] = None
+    for k in list(optimizer.all_grad_tensors):
+        optimizer.all_grad_tensors[k] = None
+    optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
+
+
+#: the AdamW state of a parameter, saved in full per parameter
+ADAM_STATE = ("exp_avg", "exp_avg_sq")
+
+
+def master_partitions(engine) -> list[Tensor]:
+    """This process's flat fp32 master partitions: the tensors the ZeRO optimiser steps its torch AdamW on (and keys
+    its state by): ZeRO-3's sub-groups, ZeRO-2's one partition per parameter group."""
+    optimizer = engine.optimizer
+    flats = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    return list(flats if flats is not None else optimizer.single_partition_of_fp32_groups)
+
+
+def _adam_state_initialised(engine) -> tuple[torch.optim.Optimizer, list[Tensor]]:
+    """The torch AdamW inside the ZeRO optimiser and the master partitions its state is keyed by, that state created
+    as its first step would (zeros, step 0) where there is none yet, and linked to the parameters' fragments (ZeRO-2
+    links them after its first step)."""
+    adam = engine.optimizer.optimizer
+    flats = master_partitions(engine)
+    for flat in flats:
+        if "exp_avg" not in adam.state.get(flat, {}):
+            adam.state[flat] = {"step": torch.tensor(0.0), **{k: torch.zeros_like(flat) for k in ADAM_STATE}}
+    link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
+    return adam, flats
+
+
+def deepspeed_full_weights(names: list[str], params: list[nn.Parameter], main: bool) -> dict[str, Tensor]:
+    """The full fp32 master weights {name: tensor} on the CPU of the main process ({} elsewhere); a collective."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    weights = {}
+    for name, p in zip(names, params):
+        full = safe_get_full_fp32_param(p)
+        if main:
+            weights[name] = full.detach().cpu().clone()
+    return weights
+
+
+def deepspeed_full_optimizer_state(engine, names: list[str], params: list[nn.Parameter], main: bool) -> dict | None:
+    """The full AdamW state on the CPU of the main process (None elsewhere), as FSDP's full optimiser state is:
+    {"state": {name: {"step", "exp_avg", "exp_avg_sq"}}, "param_groups": [...]}. A collective."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    adam, flats = _adam_state_initialised(engine)
+    step = adam.state[flats[0]]["step"]  # one count for all: every partition steps together
+    state: dict[str, dict[str, Tensor]] = {}
+    for name, p in zip(names, params):
+        moments = {k: safe_get_full_optimizer_state(p, k) for k in ADAM_STATE}
+        if main:
+            state[name] = {"step": step.detach().cpu().clone(), **{k: v.detach().cpu().clone() for k, v in moments.items()}}
+    if not main:
+        return None
+    return {"state": state, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in adam.param_groups]}
+
+
+def load_deepspeed_state(engine, names: list[str], params: list[nn.Parameter], weights: Mapping[str, Tensor],
+                         optimizer_state: Mapping[str, Any] | None) -> None:
+    """Set each process's partitions of the master weights, of the AdamW state and of the module's weights from full
+    ones held by the main process (the others pass empty ones). Every process must call it."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    main = dist.get_rank() == 0
+    adam, flats = _adam_state_initialised(engine)
+    saved = (optimizer_state or {}).get("state", {})
+    # the main process says whether there is an optimiser state to send, its param_groups and its step
+    sent = _broadcast_object(
+        (optimizer_state["param_groups"], float(next(iter(saved.values()))["step"]) if saved else 0.0)
+        if main and optimizer_state is not None else None
+    )
+    keys = ("weight", *ADAM_STATE) if sent is not None else ("weight",)
+    for name, p in zip(names, params):
+        full = {}
+        for key in keys:
+            value = (weights[name] if key == "weight" else saved[name][key]) if main else torch.empty(p.ds_shape if hasattr(p, "ds_id") else p.shape)
+            value = value.to(p.device, torch.float32).contiguous()
+            dist.broadcast(value, src=0)
+            full[key] = value
+        safe_set_full_fp32_param(p, full["weight"])
+        for key in keys[1:]:
+            safe_set_full_optimizer_state(p, full[key], key)
+        # the module's own (compute-dtype) weights: whole on every process under ZeRO-2, partitions under ZeRO-3
+        # (gathered, set on the main process, partitioned again on leaving the context)
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+            if main or not hasattr(p, "ds_id"):
+                p.data.copy_(full["weight"].view(p.shape).to(p.dtype))
+    if sent is not None:
+        groups, step = sent
+        for group, values in zip(adam.param_groups, groups):
+            group.update(values)
+        for flat in flats:
+            adam.state[flat]["step"].fill_(step)
+
+
+def _broadcast_object(obj):
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 #: what the messages of a failed collective contain (gloo and NCCL raise plain RuntimeErrors on some paths)

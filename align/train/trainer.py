@@ -15,8 +15,8 @@ exactly what an uninterrupted single-process run draws; an objective's state (a 
 running statistics) travels in the checkpoint.  Gradients of the trainable parameters are
 averaged across processes by one flat all-reduce (LoRA weights are small), so no DDP wrapper has
 to see the many model calls of a sampling chain.  Full fine-tuning over several processes can
-shard the denoiser instead (``sharding``: FSDP2 over its blocks, or DeepSpeed ZeRO through
-accelerate; :mod:`align.train.sharding`): gradient synchronisation is then the shards' reduce-
+shard the denoiser instead (``sharding``: FSDP2 over its blocks, or DeepSpeed ZeRO-2/3, whose engine
+the trainer drives; :mod:`align.train.sharding`): gradient synchronisation is then the shards' reduce-
 scatter, checkpoints gather the full weights once on the main process, and every process makes
 the same sequence of denoiser calls.  A process that dies or hangs makes the others stop with an
 error after ``distributed_timeout_s`` instead of waiting forever.
@@ -67,13 +67,23 @@ from align.train.methods import (
 from align.train.objectives import Objective, make_objective
 from align.train.sharding import (
     SHARDING,
+    check_deepspeed_config,
+    check_deepspeed_ema,
+    check_zero3_init,
     clip_grad_norm,
+    deepspeed_backward,
+    deepspeed_full_optimizer_state,
+    deepspeed_full_weights,
+    discard_gradients,
+    engine_config,
     fsdp_settings,
     full_model_state,
     full_optimizer_state,
     gather_copy,
     is_distributed_failure,
     load_copy_,
+    load_deepspeed_config,
+    load_deepspeed_state,
     load_full_state,
     prepare_deepspeed,
     reshard,
@@ -160,10 +170,16 @@ class TrainConfig:
             accelerate launch config says: FSDP or DeepSpeed, else none), none (every process holds the whole
             model; gradients averaged by one all-reduce), fsdp (FSDP2: each block's weights, gradients and Adam
             state sharded over the processes, fp32 master weights, compute in the mixed-precision dtype; bf16 or
-            no, not fp16), deepspeed (an accelerate DeepSpeed ZeRO-2/3 launch: its config is checked, then the run
-            is refused: the trainer does not drive DeepSpeed's engine yet; use fsdp). Under fsdp every method trains
-            and the weight copies (EMA, DiffusionNFT's old policy, Diffusion-DPO's frozen reference) are sharded like
-            the weights. LoRA runs always take the unsharded path. See examples/accelerate/.
+            no, not fp16), deepspeed (DeepSpeed ZeRO-2 or ZeRO-3, from an accelerate DeepSpeed launch config or
+            deepspeed_config: fp32 master weights, gradients and Adam state partitioned over the processes, and
+            under ZeRO-3 the weights too; bf16 or no, not fp16; EMA under ZeRO-2 only; not DiffusionNFT or
+            Diffusion-DPO). Under fsdp every method trains and the weight copies (EMA, DiffusionNFT's old policy,
+            Diffusion-DPO's frozen reference) are sharded like the weights. LoRA runs always take the unsharded
+            path. See examples/accelerate/.
+        deepspeed_config: a DeepSpeed JSON file or an accelerate DeepSpeed YAML (its deepspeed_config section) for a
+            run not launched by accelerate's DeepSpeed launcher (torchrun, plain accelerate launch); implies
+            sharding=deepspeed. ZeRO stage 2 or 3; the trainer fills in the micro-batch (batch_size), clipping
+            (the method's max_grad_norm), bf16 (mixed_precision) and accumulation (it accumulates itself: 1).
         distributed_timeout_s: seconds a collective (gradient reduction, a shard's all-gather, the barrier around a
             checkpoint) may wait for the other processes before the run stops with an error: a process that died or
             hangs ends the run instead of blocking the others forever. Must exceed the longest step and checkpoint.
@@ -215,6 +231,7 @@ class TrainConfig:
     monitor_patience: int = 0
     monitor_tolerance: float = 0.0
     sharding: str = "auto"
+    deepspeed_config: str | None = None
     distributed_timeout_s: float = 1800.0
 
     #: the fields holding one method's settings each (model recommendations resolve ``method.`` keys against them)
@@ -250,11 +267,22 @@ class TrainConfig:
                 f"sharding={self.sharding!r} shards full fine-tuning; LoRA weights are small and always train "
                 "unsharded (one all-reduce of their gradients). Set lora.enabled=false, or sharding=auto"
             )
-        if self.sharding == "fsdp" and self.mixed_precision == "fp16":
+        deepspeed = self.sharding == "deepspeed" or self.deepspeed_config is not None
+        if (self.sharding == "fsdp" or deepspeed) and self.mixed_precision == "fp16":
             raise ConfigError(
-                "sharding='fsdp' with mixed_precision='fp16': fp16 needs a loss scaler over sharded gradients, "
-                "which the trainer does not run; accepted: bf16 (fp32 master weights, bf16 compute) or no"
+                f"sharding={'deepspeed' if deepspeed else 'fsdp'!r} with mixed_precision='fp16': fp16 needs a loss "
+                "scaler over sharded gradients, which the trainer does not run; accepted: bf16 (fp32 master weights, "
+                "bf16 compute) or no"
             )
+        if self.deepspeed_config is not None:
+            if self.lora.enabled:
+                raise ConfigError("deepspeed_config shards full fine-tuning; LoRA always trains unsharded. Set "
+                                  "lora.enabled=false, or drop deepspeed_config")
+            if self.sharding not in ("auto", "deepspeed"):
+                raise ConfigError(f"sharding={self.sharding!r} with deepspeed_config set; accepted: 'auto' or 'deepspeed'")
+            stage = check_deepspeed_config(load_deepspeed_config(self.deepspeed_config),
+                                           max_grad_norm=self.method_config.max_grad_norm)
+            check_deepspeed_ema(stage, self.ema_decay)
         check_output_dir("output_dir", self.output_dir)
         if self.method_config.kl_weight > 0 and not self.lora.enabled:
             raise ConfigError(
@@ -363,7 +391,8 @@ class Trainer:
         self.is_main = acc.is_main_process
         self.num_processes = acc.num_processes
         self.rank = acc.process_index
-        self.sharding = resolve_sharding(cfg.sharding, acc.distributed_type.name, self.num_processes, cfg.lora.enabled)
+        self.sharding = resolve_sharding(cfg.sharding, acc.distributed_type.name, self.num_processes, cfg.lora.enabled,
+                                         deepspeed_config=cfg.deepspeed_config is not None)
         if self.sharding != "none" and acc.mixed_precision == "fp16":
             raise ConfigError(
                 f"sharding={self.sharding!r} with mixed_precision='fp16' (from the accelerate config or auto); "
@@ -444,10 +473,21 @@ class Trainer:
         # The scheduler is not prepared: accelerate's AcceleratedScheduler steps it num_processes times
         # per call (it assumes the per-process batch, not the global one, defines a step) and not at all
         # after a skipped fp16 step.  Here it steps exactly once per optimiser step, on every process.
+        self.engine = None
         if self.sharding == "none":
             self.optimizer = acc.prepare(self.optimizer)
         elif self.sharding == "deepspeed":
-            prepare_deepspeed(self)
+            if cfg.deepspeed_config is None:  # an accelerate DeepSpeed launch
+                plugin = acc.state.deepspeed_plugin
+                check_zero3_init(getattr(plugin, "zero3_init_flag", False))
+                ds_config = plugin.deepspeed_config
+            else:
+                ds_config = load_deepspeed_config(cfg.deepspeed_config)
+            ds_config = engine_config(ds_config, batch_size=cfg.batch_size, max_grad_norm=self.method.max_grad_norm,
+                                      bf16=acc.mixed_precision == "bf16")
+            check_deepspeed_ema(ds_config["zero_optimization"]["stage"], cfg.ema_decay)
+            self.engine = prepare_deepspeed(model.module, self.optimizer, ds_config, cfg.distributed_timeout_s)
+            logger.info("DeepSpeed ZeRO-%d over %d processes", self.engine.zero_optimization_stage(), self.num_processes)
         self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
         self.checkpoints = CheckpointManager(self.output_dir, keep=cfg.keep_checkpoints)
         self.step = 0
@@ -517,7 +557,8 @@ class Trainer:
         if acc.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(acc.device)
         step = self.step
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
         agg: dict[str, list[float]] = {}
         bad = False
         losses = []
@@ -530,11 +571,23 @@ class Trainer:
             if self._any_process(not finite):
                 bad = True
                 break
-            acc.backward(loss / micro_steps)
+            if self.engine is not None:  # DeepSpeed reduces the gradients at the last micro-step
+                self.engine.set_gradient_accumulation_boundary(micro == micro_steps - 1)
+                deepspeed_backward(self.engine, loss / micro_steps)
+            else:
+                acc.backward(loss / micro_steps)
             losses.append(float(loss.detach()))
         grad_norm = float("nan")
         skipped = bad
-        if not bad:
+        if bad:
+            if self.engine is not None and losses:
+                discard_gradients(self.engine)  # those of the micro-steps before the bad one
+        elif self.engine is not None:
+            # ZeRO clips at max_grad_norm, and skips a step whose gradient norm is not finite (dropping its gradients)
+            self.engine.step()  # ZeRO-2 then copies the new master weights into the module's (whole) weights
+            grad_norm = float(self.engine.get_global_grad_norm())
+            skipped = not self.engine.was_step_applied()
+        else:
             self._all_reduce_grads()
             max_norm = self.method.max_grad_norm or float("inf")
             if self.sharding == "fsdp":
@@ -547,11 +600,12 @@ class Trainer:
                 # under fp16 the loss scaler skips steps with inf/nan gradients itself
                 self.optimizer.step()
                 skipped = bool(getattr(self.optimizer, "step_was_skipped", False))
-                if not skipped and self.ema is not None:
-                    with torch.no_grad():
-                        for e, p in zip(self.ema, self.params):
-                            e.lerp_(p.detach(), 1.0 - cfg.ema_decay)
-        self.optimizer.zero_grad(set_to_none=True)
+        if not skipped and self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema, self.params):
+                    e.lerp_(p.detach(), 1.0 - cfg.ema_decay)
+        if self.engine is None:
+            self.optimizer.zero_grad(set_to_none=True)
         lr = float(self.lr_scheduler.get_last_lr()[0])  # the rate this step used
         with warnings.catch_warnings():
             # the schedule counts optimiser steps, skipped ones too (deliberately); torch warns when
@@ -584,7 +638,23 @@ class Trainer:
         if self.sharding == "fsdp":
             full = full_model_state(self.model.module)
             return {f"denoiser.{k}": v for k, v in full.items() if f"denoiser.{k}" in self._trainable_names}
+        if self.sharding == "deepspeed":
+            return deepspeed_full_weights(self.param_names, self.params, self.is_main)
         return {name: p.detach() for name, p in zip(self.param_names, self.params)}
+
+    def _full_optimizer_state(self) -> dict[str, Any] | None:
+        """The sharded optimiser's full state keyed by parameter name on the main process (None elsewhere); a
+        collective."""
+        if self.sharding == "fsdp":
+            return full_optimizer_state(self.model.module, self.optimizer)
+        return deepspeed_full_optimizer_state(self.engine, self.param_names, self.params, self.is_main)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the denoiser is sharded over the processes (FSDP or DeepSpeed): its weights and optimiser state
+        are gathered for a checkpoint and set from one on resume by collectives, and under FSDP and ZeRO-3 every
+        process must make the same sequence of denoiser calls (a shard's all-gather is a collective)."""
+        return self.sharding != "none"
 
     @property
     def _trainable_names(self) -> set[str]:
@@ -609,16 +679,16 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Write a resumable checkpoint of the current step (main process only; all processes wait).
 
-        Under FSDP every process first takes part in gathering the full weights, the weight copies (EMA,
+        Under sharding every process first takes part in gathering the full weights, the weight copies (EMA,
         DiffusionNFT's old policy) and the optimiser state (onto the main process, on the CPU); with several
         processes each also gives its rows of a rollout in use (the objective's state); only the main process
         writes.
         """
         path = None
-        sharded = self.sharding == "fsdp"
+        sharded = self.sharded
         trainable = self._trainable_state()
         copies = self._copies_state()
-        optimizer = full_optimizer_state(self.model.module, self.optimizer) if sharded else None
+        optimizer = self._full_optimizer_state() if sharded else None
         objective_tensors, objective_state = self.objective.state_dict()  # a collective (a rollout's rows gathered)
         if self.is_main:
             extra = dict(copies)
@@ -650,8 +720,8 @@ class Trainer:
         if self.is_main:
             self.checkpoints.clean_partial()
         self.accelerator.wait_for_everyone()
-        sharded = self.sharding == "fsdp"
-        # under FSDP only the main process reads the full weights and optimiser state; it sends each
+        sharded = self.sharded
+        # under sharding only the main process reads the full weights and optimiser state; it sends each
         # process its shards (one full copy in CPU memory, not one per process)
         copies = self._weight_copies()
         ckpt = self.checkpoints.load(None if which == "latest" else which, weights=self.is_main or not sharded,
@@ -665,31 +735,34 @@ class Trainer:
                 f"{sorted(missing)[0]!r}...); resume with the same model, method and lora settings"
             )
         saved_sharding = ckpt.state.get("sharding", "none")
-        if (saved_sharding == "fsdp") != (self.sharding == "fsdp"):
+        if saved_sharding != self.sharding:
             raise AlignError(
                 f"checkpoint {str(ckpt.path)!r} was written with sharding={saved_sharding!r} and this run uses "
-                f"sharding={self.sharding!r}: their optimiser states are keyed differently; resume with the same sharding"
+                f"sharding={self.sharding!r}: their optimiser states are laid out differently; resume with the same "
+                "sharding"
             )
-        if sharded:
+        if self.sharding == "fsdp":
             prefix = "denoiser."
             load_full_state(
                 self.model.module, self.optimizer,
                 {k[len(prefix):]: v for k, v in ckpt.trainable.items() if k.startswith(prefix)}, ckpt.optimizer,
             )
+        elif self.sharding == "deepspeed":
+            load_deepspeed_state(self.engine, self.param_names, self.params, ckpt.trainable, ckpt.optimizer)
         with torch.no_grad():
             if not sharded:
                 for name, p in zip(self.param_names, self.params):
                     p.copy_(ckpt.trainable[name].to(p.device, p.dtype))
-        for prefix, copy in copies.items():  # sharded: the main process's full copy, split into each one's shard
+        for prefix, copy in copies.items():  # sharded: the main process's full copy, into each process's shard or copy
             for name, w in zip(self.param_names, copy):
                 if f"{prefix}.{name}" in ckpt.extra_keys:
-                    load_copy_(w, ckpt.extra.get(f"{prefix}.{name}"))
+                    load_copy_(w, ckpt.extra.get(f"{prefix}.{name}"), replicated=self.sharding == "deepspeed")
         reward_state = {k[len("reward.") :]: v for k, v in ckpt.extra.items() if k.startswith("reward.")}
         if reward_state:
             self.reward.load_state_dict(reward_state, strict=False)
         objective_tensors = {k[len("objective.") :]: v for k, v in ckpt.extra.items() if k.startswith("objective.")}
         self.objective.load_state_dict(objective_tensors, ckpt.state.get("objective") or {})
-        if ckpt.optimizer is not None and self.sharding != "fsdp":
+        if ckpt.optimizer is not None and not sharded:
             self.optimizer.load_state_dict(ckpt.optimizer)
         if ckpt.lr_scheduler is not None:
             self.lr_scheduler.load_state_dict(ckpt.lr_scheduler)
@@ -711,9 +784,14 @@ class Trainer:
         default = "lora" if self.config.lora.enabled else ("transformer" if self.model.is_flow else "unet")
         target = Path(directory) if directory is not None else self.output_dir / default
         path = None
-        if self.sharding == "fsdp":
-            with self.swapped(self.ema):
-                full = full_model_state(self.model.module)  # a collective; the weights land on the main process
+        if self.sharded:
+            with self.swapped(self.ema):  # collectives; the weights land on the main process
+                if self.sharding == "fsdp":
+                    full = full_model_state(self.model.module)
+                elif self.ema is not None:  # ZeRO-2: the EMA is whole on every process
+                    full = {n.removeprefix("denoiser."): e.detach().cpu() for n, e in zip(self.param_names, self.ema)}
+                else:  # the fp32 master weights
+                    full = {k.removeprefix("denoiser."): v for k, v in self._trainable_state().items()}
             if self.is_main:
                 path = atomic_directory(target, lambda tmp: save_full_denoiser(self.model.module, full, tmp))
         elif self.is_main:
@@ -789,9 +867,9 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     @property
     def _samples_here(self) -> bool:
-        """Whether this process samples the grids: the main one; every one under FSDP, whose sharded denoiser
-        runs only when all processes call it (only the main one writes)."""
-        return self.is_main or self.sharding == "fsdp"
+        """Whether this process samples the grids: the main one; every one under sharding (FSDP and ZeRO-3's
+        denoiser runs only when all processes call it; only the main one writes)."""
+        return self.is_main or self.sharded
 
     def _log(self, metrics: dict[str, float]) -> None:
         if self.is_main:
