@@ -9,7 +9,6 @@ global batch runs the references.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,13 +19,17 @@ import torch
 
 pytest.importorskip("deepspeed")
 
+from _distributed import free_port, stall_one_rank  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from align.builtin.testing import tiny_pipeline  # noqa: E402
 from align.core.config import from_dict  # noqa: E402
-from align.core.errors import ConfigError  # noqa: E402
+from align.core.errors import AlignError, ConfigError  # noqa: E402
 from align.train.sharding import (  # noqa: E402
+    DEEPSPEED_ENGINE_INTERNALS,
+    DEEPSPEED_OPTIMIZER_INTERNALS,
     check_deepspeed_config,
+    check_deepspeed_internals,
     engine_config,
     load_deepspeed_config,
     resolve_sharding,
@@ -67,12 +70,6 @@ DRIVER = textwrap.dedent(
                            "skipped": trainer.skipped}, fh)
     """
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _runs(tmp_path, model: str, batch_size: int, out: str, sharded: bool) -> dict:
@@ -127,7 +124,7 @@ def deepspeed_runs(tmp_path_factory):
     sharded = _runs(tmp_path, model, 1, "two", sharded=True)
     nonfinite = {name: NONFINITE for name in sharded if name.startswith("draft")}
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(script), json.dumps(sharded), str(tmp_path / "two"), json.dumps(nonfinite)],
         capture_output=True, text=True, timeout=900, env=env,
     )
@@ -286,6 +283,23 @@ def test_methods_with_a_weight_copy_refuse_deepspeed(tmp_path, method, method_ar
         trainer.setup()
 
 
+def test_a_deepspeed_without_the_internals_the_trainer_uses_is_refused_at_setup():
+    """The trainer drives DeepSpeed's engine through internals (not public API): a release that lacks one fails at
+    setup with the missing name and the tested version, not mid-run."""
+    from types import SimpleNamespace
+
+    def engine(stage: int, drop: str | None = None):
+        optimizer = SimpleNamespace(**{n: None for n in DEEPSPEED_OPTIMIZER_INTERNALS[stage] if n != drop})
+        attrs = {n: None for n in DEEPSPEED_ENGINE_INTERNALS if n != drop}
+        return SimpleNamespace(optimizer=optimizer, zero_optimization_stage=lambda: stage, **attrs)
+
+    for stage in (2, 3):
+        check_deepspeed_internals(engine(stage))  # everything there: accepted
+        for missing in (*DEEPSPEED_ENGINE_INTERNALS, *DEEPSPEED_OPTIMIZER_INTERNALS[stage]):
+            with pytest.raises(AlignError, match=rf"has no .*\b{missing}\b.*tested with DeepSpeed 0\.19\.8"):
+                check_deepspeed_internals(engine(stage, drop=missing))
+
+
 def test_deepspeed_follows_its_config_or_its_launch():
     assert resolve_sharding("auto", "MULTI_CPU", 2, lora_enabled=False, deepspeed_config=True) == "deepspeed"
     assert resolve_sharding("deepspeed", "NO", 1, lora_enabled=False, deepspeed_config=True) == "deepspeed"
@@ -314,31 +328,6 @@ def test_the_published_deepspeed_benchmark_partitions_each_process_state():
 
 
 # ---------------------------------------------------------------------------------------------- no hangs
-HANG_DRIVER = textwrap.dedent(
-    """
-    import json, sys, time
-    from align.core.config import from_dict
-    from align.train.trainer import TrainConfig, Trainer
-
-    trainer = Trainer(from_dict(TrainConfig, json.loads(sys.argv[1])), progress=False)
-    trainer.setup()
-    if trainer.rank == 0:  # the timeout of DeepSpeed's own process group (its gradient reductions)
-        import torch
-        from deepspeed.utils import groups
-        backend = groups._WORLD_GROUP._get_backend(torch.device("cpu"))
-        open(sys.argv[2] + ".timeout", "w").write(str(backend.options._timeout.total_seconds()))
-    step = trainer.train_step
-    def stalling_step():
-        if trainer.rank == 1:
-            open(sys.argv[2], "w").close()
-            time.sleep(3600)  # hangs (the test stops it)
-        return step()
-    trainer.train_step = stalling_step
-    trainer.train()
-    """
-)
-
-
 @pytest.mark.slow  # two launches with a timeout each: about 40 s apiece on 2 shared cores
 @pytest.mark.parametrize("fate", ["killed", "hung"])
 def test_a_dead_or_hung_process_stops_the_others_within_the_timeout_under_zero3(tmp_path, fate):
@@ -346,8 +335,6 @@ def test_a_dead_or_hung_process_stops_the_others_within_the_timeout_under_zero3(
     ZeRO-3's first all-gather of weights, exits with an error naming distributed_timeout_s instead of waiting forever.
     DeepSpeed's own process group (the one its gradient reductions use; torch would give it the 30-minute default)
     has that timeout too."""
-    import signal
-    import time
 
     tiny_pipeline("sd").save_pretrained(tmp_path / "model")
     (tmp_path / "zero3.json").write_text(json.dumps(ZERO3))
@@ -358,37 +345,6 @@ def test_a_dead_or_hung_process_stops_the_others_within_the_timeout_under_zero3(
         "deepspeed_config": str(tmp_path / "zero3.json"), "distributed_timeout_s": timeout,
         "output_dir": str(tmp_path / "run"), "draft": {"num_steps": 2},
     }
-    script = tmp_path / "driver.py"
-    script.write_text(HANG_DRIVER)
-    marker = tmp_path / "rank1-stalled"
-    port = str(_free_port())
-    procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
-        procs.append(subprocess.Popen([sys.executable, str(script), json.dumps(config), str(marker)], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-    rank0, rank1 = procs
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            assert rank0.poll() is None and rank1.poll() is None, rank0.stderr.read()[-3000:] if rank0.poll() else ""
-            assert time.monotonic() < deadline, "rank 1 never reached its first step"
-            time.sleep(0.2)
-        stalled = time.monotonic()
-        os.kill(rank1.pid, signal.SIGKILL if fate == "killed" else signal.SIGSTOP)
-        _, err = rank0.communicate(timeout=timeout + 90)
-        waited = time.monotonic() - stalled
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGKILL)
-                p.wait()
-    assert rank0.returncode not in (0, None)
-    assert "distributed_timeout_s" in err, err[-3000:]
-    if fate == "hung":  # nothing tells rank 0 that its peer is gone: only the timeout ends the wait
-        assert timeout - 1 <= waited <= timeout + 45, waited
-    else:
-        assert waited <= timeout + 45, waited
-    assert float(Path(str(marker) + ".timeout").read_text()) == timeout
+    waited = stall_one_rank(tmp_path, config, fate, timeout)
+    assert float((tmp_path / "rank1-stalled.timeout").read_text()) == timeout
     print(f"{fate}: rank 0 stopped {waited:.1f} s after rank 1 stalled (timeout {timeout} s)")

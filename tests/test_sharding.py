@@ -8,16 +8,14 @@ one plain process with the same global batch runs the references.
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from _distributed import free_port, stall_one_rank
 from safetensors.torch import load_file
 from test_dpo_training import preference_folder
 
@@ -89,12 +87,6 @@ DRIVER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 #: the weight copies the driver saves beside the trained weights (EMA, NFT's old policy, DPO's frozen reference)
 COPIES = ("ema.", "old.", "frozen.")
 
@@ -158,7 +150,7 @@ def fsdp_runs(tmp_path_factory):
                                         PROMPTS, 4, num_steps=2))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(script), json.dumps(_runs(tmp_path, model, 1, "two", resume=True, preferences=preferences)), str(tmp_path / "two")],
         capture_output=True, text=True, timeout=600, env=env,
     )
@@ -249,27 +241,6 @@ def test_fsdp_saves_the_full_denoiser_in_diffusers_format(fsdp_runs):
 
 # ---------------------------------------------------------------------------------------------- no hangs
 
-HANG_DRIVER = textwrap.dedent(
-    """
-    import os, sys, time
-    from align.core.config import from_dict
-    from align.train.trainer import TrainConfig, Trainer
-    import json
-
-    trainer = Trainer(from_dict(TrainConfig, json.loads(sys.argv[1])), progress=False)
-    trainer.setup()
-    step = trainer.train_step
-    def stalling_step():
-        if trainer.rank == 1:
-            open(sys.argv[2], "w").close()
-            time.sleep(3600)  # stalls (the test then stops or kills it)
-        return step()
-    trainer.train_step = stalling_step
-    trainer.train()
-    """
-)
-
-
 @pytest.mark.slow  # two process launches with a timeout each: about 40 s apiece on 2 shared cores
 @pytest.mark.parametrize("fate", ["killed", "hung"])
 def test_a_dead_or_hung_process_stops_the_others_within_the_timeout(tmp_path, fate):
@@ -282,40 +253,7 @@ def test_a_dead_or_hung_process_stops_the_others_within_the_timeout(tmp_path, fa
         "checkpoint_every": 0, "max_steps": 4, "batch_size": 1, "lora": {"enabled": False}, "sharding": "fsdp",
         "distributed_timeout_s": timeout, "output_dir": str(tmp_path / "run"), "draft": {"num_steps": 2},
     }
-    script = tmp_path / "driver.py"
-    script.write_text(HANG_DRIVER)
-    marker = tmp_path / "rank1-stalled"
-    port = str(_free_port())
-    procs = []
-    for rank in (0, 1):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-               "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
-        procs.append(subprocess.Popen(
-            [sys.executable, str(script), json.dumps(config), str(marker)], env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        ))
-    rank0, rank1 = procs
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            assert rank0.poll() is None and rank1.poll() is None, rank0.stderr.read()[-3000:] if rank0.poll() else ""
-            assert time.monotonic() < deadline, "rank 1 never reached its first step"
-            time.sleep(0.2)
-        stalled = time.monotonic()
-        os.kill(rank1.pid, signal.SIGKILL if fate == "killed" else signal.SIGSTOP)
-        _, err = rank0.communicate(timeout=timeout + 60)
-        waited = time.monotonic() - stalled
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGKILL)
-                p.wait()
-    assert rank0.returncode not in (0, None)
-    assert "distributed_timeout_s" in err, err[-3000:]
-    if fate == "hung":  # nothing tells rank 0 that its peer is gone: only the timeout ends the wait
-        assert timeout - 1 <= waited <= timeout + 45, waited
-    else:
-        assert waited <= timeout + 45, waited
+    waited = stall_one_rank(tmp_path, config, fate, timeout)
     print(f"{fate}: rank 0 stopped {waited:.1f} s after rank 1 stalled (timeout {timeout} s)")
 
 

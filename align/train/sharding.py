@@ -65,7 +65,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from align.core.errors import ConfigError
+from align.core.errors import AlignError, ConfigError
 
 logger = logging.getLogger("align")
 
@@ -459,10 +459,53 @@ def prepare_deepspeed(module: nn.Module, optimizer: torch.optim.Optimizer, confi
     import torch.distributed as dist
     from deepspeed.utils import groups
 
+    if not hasattr(groups, "_WORLD_GROUP"):
+        raise AlignError(_untested_deepspeed("deepspeed.utils.groups._WORLD_GROUP"))
     if dist.is_initialized() and groups._WORLD_GROUP is None:
         groups._WORLD_GROUP = dist.new_group(ranks=range(dist.get_world_size()), timeout=timedelta(seconds=timeout_s))
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=dict(config))
+    check_deepspeed_internals(engine)
     return engine
+
+
+#: the DeepSpeed version the trainer's use of DeepSpeed's internals was written against and tested with
+DEEPSPEED_TESTED = "0.19.8"
+#: DeepSpeed internals the trainer uses (its engine is driven without engine(...)): engine attributes, and the ZeRO
+#: optimiser's by stage
+DEEPSPEED_ENGINE_INTERNALS = ("_backward_prologue", "backward", "step", "set_gradient_accumulation_boundary",
+                              "was_step_applied", "get_global_grad_norm")
+DEEPSPEED_MODULE_INTERNALS = (("deepspeed.runtime.utils", "register_output_backward_hooks"),
+                              ("deepspeed.runtime.zero.stage_1_and_2", "INITIAL_MICRO_STEP_ID"))
+DEEPSPEED_OPTIMIZER_INTERNALS = {
+    2: ("clear_backward_seen_flag", "_release_preflattened_grad_buffers", "averaged_gradients", "all_grad_tensors",
+        "micro_step_id", "single_partition_of_fp32_groups"),
+    3: ("clear_backward_seen_flag", "fp32_partitioned_groups_flat"),
+}
+
+
+def _untested_deepspeed(missing: str) -> str:
+    import deepspeed
+
+    return (f"DeepSpeed {deepspeed.__version__} has no {missing}, which the trainer drives DeepSpeed's engine with "
+            f"(written for and tested with DeepSpeed {DEEPSPEED_TESTED}); install that version "
+            f"(pip install deepspeed=={DEEPSPEED_TESTED}) or shard with sharding=fsdp")
+
+
+def check_deepspeed_internals(engine) -> None:
+    """Fail at setup, naming what is missing, when the installed DeepSpeed lacks an internal the trainer uses (they
+    are not public API and may change in any release), instead of failing mid-run."""
+    import importlib
+
+    for module, name in DEEPSPEED_MODULE_INTERNALS:
+        if not hasattr(importlib.import_module(module), name):
+            raise AlignError(_untested_deepspeed(f"{module}.{name}"))
+    for name in DEEPSPEED_ENGINE_INTERNALS:
+        if not hasattr(engine, name):
+            raise AlignError(_untested_deepspeed(f"engine.{name}"))
+    stage = engine.zero_optimization_stage()
+    for name in DEEPSPEED_OPTIMIZER_INTERNALS.get(stage, ()):
+        if not hasattr(engine.optimizer, name):
+            raise AlignError(_untested_deepspeed(f"ZeRO-{stage} optimizer.{name}"))
 
 
 def deepspeed_backward(engine, loss: Tensor) -> None:
