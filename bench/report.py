@@ -56,6 +56,15 @@ def _machine(payload: dict[str, Any]) -> str:
             f"run {m['date']}{code}{load}.\n\n" + _commands(payload))
 
 
+def _machine_and_settings(payload: dict[str, Any]) -> list[str]:
+    """The lines opening a table block: the machine line, and the run's settings when the payload has them."""
+    out = [_machine(payload), ""]
+    settings = payload.get("settings", {})
+    if settings:
+        out += ["Settings: " + "; ".join(f"{k} {v}" for k, v in settings.items()) + ".", ""]
+    return out
+
+
 def _commands(payload: dict[str, Any]) -> str:
     runs = payload.get("runs")
     if not runs:
@@ -467,10 +476,7 @@ def gpu_check_tables(payload: dict[str, Any]) -> str:
 
 def policy_gradient_tables(payload: dict[str, Any]) -> str:
     """Time split and memory of policy-gradient steps, ours next to the lower bound and the naive loop, per T."""
-    out = [_machine(payload), ""]
-    settings = payload.get("settings", {})
-    if settings:
-        out += ["Settings: " + "; ".join(f"{k} {v}" for k, v in settings.items()) + ".", ""]
+    out = _machine_and_settings(payload)
     ok = [r for r in payload["rows"] if "error" not in r]
     rows = [r for r in ok if not r.get("reward_latency") and not r.get("sequential")]
     by = {(r["variant"], r["num_steps"]): r for r in rows}
@@ -516,10 +522,7 @@ def policy_gradient_tables(payload: dict[str, Any]) -> str:
 
 def sharding_tables(payload: dict[str, Any]) -> str:
     """Per-process step time, trained state and resident peak of FSDP against the unsharded paths."""
-    out = [_machine(payload), ""]
-    settings = payload.get("settings", {})
-    if settings:
-        out += ["Settings: " + "; ".join(f"{k} {v}" for k, v in settings.items()) + ".", ""]
+    out = _machine_and_settings(payload)
     ok = [r for r in payload["rows"] if "error" not in r]
     base = next((r for r in ok if r["variant"] == "plain-1"), None)
     table = []
@@ -543,10 +546,7 @@ def sharding_tables(payload: dict[str, Any]) -> str:
 
 def gpu_sharding_table(payload: dict[str, Any]) -> str:
     """Per-GPU peak of full fine-tuning, unsharded and FSDP over P processes, beside align plan's prediction."""
-    out = [_machine(payload), ""]
-    settings = payload.get("settings", {})
-    if settings:
-        out += ["Settings: " + "; ".join(f"{k} {v}" for k, v in settings.items()) + ".", ""]
+    out = _machine_and_settings(payload)
     table = []
     for r in payload["rows"]:
         if "error" in r:
