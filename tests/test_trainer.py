@@ -282,3 +282,26 @@ def test_ema_weights_are_what_is_saved(tmp_path):
     saved_norm = sum(float(v.abs().sum()) for v in saved.values())
     assert saved_norm == pytest.approx(ema_norm, rel=1e-5)
     assert abs(saved_norm - raw_norm) > 1e-4 * raw_norm
+
+
+def test_the_ema_of_bf16_weights_is_kept_and_updated_in_fp32(tmp_path, caplog):
+    """Full fine-tuning with bf16 weights: the EMA is fp32 and moves by exactly (1 - decay) of the gap to the new
+    weights each step; a bf16 EMA would round most of that move away (bf16 resolves 2^-8 relative)."""
+    cfg = _config(tmp_path, "draft", max_steps=1, ema_decay=0.99, mixed_precision="bf16", lora={"enabled": False},
+                  method_args={"num_steps": 2, "learning_rate": 1e-3})
+    trainer = Trainer(cfg, model=DiffusionModel(tiny_pipeline("sd")), progress=False)
+    with caplog.at_level("WARNING", logger="align"):
+        trainer.setup()
+    assert "steps the denoiser's bfloat16 weights directly (no fp32 master copy)" in caplog.text  # said, not silent
+    assert {p.dtype for p in trainer.params} == {torch.bfloat16}
+    assert {e.dtype for e in trainer.ema} == {torch.float32}
+    before = [e.clone() for e in trainer.ema]
+    metrics = trainer.train_step()
+    assert metrics["skipped"] == 0
+    moved = expected = 0.0
+    for e0, e, p in zip(before, trainer.ema, trainer.params):
+        target = e0 + 0.01 * (p.detach().double() - e0.double())
+        torch.testing.assert_close(e.double(), target, rtol=0, atol=1e-6)
+        moved += float((e.double() - e0.double()).abs().sum())
+        expected += float((target - e0.double()).abs().sum())
+    assert moved > 0.9 * expected > 0  # the update is there, not rounded away

@@ -64,6 +64,7 @@ from align.train.methods import (
     MethodConfig,
     ReFLConfig,
 )
+from align.train.nft import soft_update_
 from align.train.objectives import Objective, make_objective
 from align.train.sharding import (
     SHARDING,
@@ -428,6 +429,13 @@ class Trainer:
         # unless the method asks for true CFG)
         self.guidance_scale = model.cfg_scale(self.method.guidance_scale, true_cfg=self.method.true_cfg)
         self.params = add_lora(model, cfg.lora)
+        if not cfg.lora.enabled and self.sharding == "none" and weight_dtype != torch.float32:
+            # FSDP and DeepSpeed keep fp32 master weights; the unsharded path steps the weights in their own dtype
+            logger.warning(
+                "full fine-tuning without sharding steps the denoiser's %s weights directly (no fp32 master copy): "
+                "an update smaller than 2^-8 of a weight is rounded away. For fp32 weights set mixed_precision=no; "
+                "FSDP / DeepSpeed runs keep fp32 master weights", str(weight_dtype).removeprefix("torch.")
+            )
         if cfg.gradient_checkpointing is False and hasattr(model.module, "disable_gradient_checkpointing"):
             model.module.disable_gradient_checkpointing()
         self.param_names = _named_trainable(model)
@@ -488,7 +496,9 @@ class Trainer:
             check_deepspeed_ema(ds_config["zero_optimization"]["stage"], cfg.ema_decay)
             self.engine = prepare_deepspeed(model.module, self.optimizer, ds_config, cfg.distributed_timeout_s)
             logger.info("DeepSpeed ZeRO-%d over %d processes", self.engine.zero_optimization_stage(), self.num_processes)
-        self.ema = [p.detach().clone() for p in self.params] if cfg.ema_decay > 0 else None
+        # the EMA is kept in fp32 whatever the weights' dtype: a bf16 EMA would round away each step's (1 - decay)
+        # share of the change (bf16 resolves 2^-8 relative)
+        self.ema = [p.detach().float().clone() for p in self.params] if cfg.ema_decay > 0 else None
         self.checkpoints = CheckpointManager(self.output_dir, keep=cfg.keep_checkpoints)
         self.step = 0
         self.skipped = 0
@@ -602,8 +612,7 @@ class Trainer:
                 skipped = bool(getattr(self.optimizer, "step_was_skipped", False))
         if not skipped and self.ema is not None:
             with torch.no_grad():
-                for e, p in zip(self.ema, self.params):
-                    e.lerp_(p.detach(), 1.0 - cfg.ema_decay)
+                soft_update_(self.ema, [p.detach() for p in self.params], cfg.ema_decay)
         if self.engine is None:
             self.optimizer.zero_grad(set_to_none=True)
         lr = float(self.lr_scheduler.get_last_lr()[0])  # the rate this step used
